@@ -1,0 +1,179 @@
+"""Public FP8 block-quantization ops: checks the inputs, then runs Triton on a CUDA GPU with FP8
+tensor cores (sm_89+) and the PyTorch reference anywhere else. On an H100/H200, large GEMMs go to
+cuBLAS's blockwise-scaled FP8 GEMM instead, which is faster there (same numerics, fp32 accumulation).
+
+Triton is imported only when a CUDA tensor arrives, so CPU machines without a working Triton
+never touch it.
+"""
+import functools
+
+import torch
+import torch.nn.functional as F
+from r1pipe.kernels import reference as ref
+from r1pipe.kernels.reference import FP8_DTYPE, GEMM_BLOCK_K, cdiv
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class FP8InputError(ValueError):
+    """A tensor handed to an FP8 op has the wrong shape, dtype or device (one-line message)."""
+
+
+def _check(cond: bool, message) -> None:
+    """`message` is a callable, so the f-string is built only on failure (these checks run per call)."""
+    if not cond:
+        raise FP8InputError(message())
+
+
+def _check_dtype(name: str, t: torch.Tensor, allowed) -> None:
+    _check(t.dtype in allowed, lambda: f"{name}: dtype {t.dtype} not supported, expected one of {list(allowed)}")
+
+
+@functools.cache
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
+def _use_triton(*tensors: torch.Tensor) -> bool:
+    t = tensors[0]
+    _check(all(x.device == t.device for x in tensors),
+           lambda: f"FP8 op inputs are on different devices: {[str(x.device) for x in tensors]}")
+    return t.is_cuda and _capability(t.get_device()) >= (8, 9)
+
+
+def _triton():
+    from r1pipe.kernels import triton_fp8  # lazy: needs a CUDA-capable Triton
+
+    return triton_fp8
+
+
+def act_quant(x: torch.Tensor, block: int = 128, pow2_scale: bool = False):
+    """Quantize activations per token in 1 x `block` tiles: (e4m3 [..., K], fp32 scales [..., ceil(K/block)]).
+
+    `pow2_scale` rounds each scale up to a power of two, so the rescale is exact (V3 uses it for
+    the activations that feed the backward pass).
+    """
+    _check_dtype("act_quant x", x, FLOAT_DTYPES)
+    _check(x.dim() >= 1 and x.shape[-1] > 0, lambda: f"act_quant x: shape {tuple(x.shape)} has no last dimension")
+    _check(block > 0 and block & (block - 1) == 0, lambda: f"act_quant block: {block} is not a power of two")
+    if _use_triton(x):
+        return _triton().act_quant(x, block, pow2_scale)
+    return ref.act_quant_ref(x, block, pow2_scale)
+
+
+def weight_quant(w: torch.Tensor, block: int = 128):
+    """Quantize weights [..., N, K] in block x block tiles: (e4m3, fp32 scale_inv [..., ceil(N/b), ceil(K/b)])."""
+    _check_dtype("weight_quant w", w, FLOAT_DTYPES)
+    _check(w.dim() >= 2, lambda: f"weight_quant w: shape {tuple(w.shape)} must be [..., N, K]")
+    _check(block > 0 and block & (block - 1) == 0, lambda: f"weight_quant block: {block} is not a power of two")
+    if _use_triton(w):
+        return _triton().weight_quant(w, block)
+    return ref.weight_quant_ref(w, block)
+
+
+def weight_dequant(w_fp8: torch.Tensor, scale_inv: torch.Tensor, block: int = 128,
+                   dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Inverse of `weight_quant`: every element times its block's scale_inv, cast to `dtype`."""
+    _check_dtype("weight_dequant w_fp8", w_fp8, (FP8_DTYPE,))
+    _check_dtype("weight_dequant scale_inv", scale_inv, (torch.float32,))
+    _check(w_fp8.dim() >= 2, lambda: f"weight_dequant w_fp8: shape {tuple(w_fp8.shape)} must be [..., N, K]")
+    n, k = w_fp8.shape[-2:]
+    want = (*w_fp8.shape[:-2], cdiv(n, block), cdiv(k, block))
+    _check(tuple(scale_inv.shape) == want,
+           lambda: f"weight_dequant scale_inv: shape {tuple(scale_inv.shape)}, expected {want} for w_fp8 "
+           f"{tuple(w_fp8.shape)} with block {block}")
+    if _use_triton(w_fp8, scale_inv):
+        return _triton().weight_dequant(w_fp8, scale_inv, block, dtype)
+    return ref.weight_dequant_ref(w_fp8, scale_inv, block, dtype)
+
+
+def _check_gemm_operands(op: str, a_fp8, a_scale, b_fp8, b_scale, out_dtype) -> None:
+    _check_dtype(f"{op} a_fp8", a_fp8, (FP8_DTYPE,))
+    _check_dtype(f"{op} b_fp8", b_fp8, (FP8_DTYPE,))
+    _check_dtype(f"{op} a_scale", a_scale, (torch.float32,))
+    _check_dtype(f"{op} b_scale", b_scale, (torch.float32,))
+    _check(out_dtype in FLOAT_DTYPES, lambda: f"{op} out_dtype: {out_dtype} not one of {list(FLOAT_DTYPES)}")
+    k = a_fp8.shape[-1]
+    _check(b_fp8.shape[-1] == k,
+           lambda: f"{op}: a_fp8 {tuple(a_fp8.shape)} and b_fp8 {tuple(b_fp8.shape)} differ in K (last dimension)")
+    nbk = cdiv(k, GEMM_BLOCK_K)
+    want_a = (*a_fp8.shape[:-1], nbk)
+    _check(tuple(a_scale.shape) == want_a,
+           lambda: f"{op} a_scale: shape {tuple(a_scale.shape)}, expected {want_a} (1x{GEMM_BLOCK_K} tiles of a_fp8)")
+    n = b_fp8.shape[-2]
+    lead = tuple(b_fp8.shape[:-2])
+    allowed = {(*lead, cdiv(n, GEMM_BLOCK_K), nbk), (*lead, n, nbk)}
+    _check(tuple(b_scale.shape) in allowed,
+           lambda: f"{op} b_scale: shape {tuple(b_scale.shape)}, expected one of {sorted(allowed)} "
+           f"({GEMM_BLOCK_K}x{GEMM_BLOCK_K} blocks or 1x{GEMM_BLOCK_K} rows of b_fp8 {tuple(b_fp8.shape)})")
+
+
+def fp8_gemm(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torch.Tensor, b_scale: torch.Tensor,
+             out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """A [..., K] x B[N, K]^T -> [..., N] with per-128-K-slice scaling and fp32 accumulation.
+
+    a_scale: [..., ceil(K/128)] (from `act_quant`); b_scale: [ceil(N/128), ceil(K/128)] (from
+    `weight_quant`) or [N, ceil(K/128)] (B quantized row-wise by `act_quant`).
+    """
+    _check(b_fp8.dim() == 2, lambda: f"fp8_gemm b_fp8: shape {tuple(b_fp8.shape)} must be [N, K]")
+    _check(a_fp8.dim() >= 1, lambda: f"fp8_gemm a_fp8: shape {tuple(a_fp8.shape)} must be [..., K]")
+    _check_gemm_operands("fp8_gemm", a_fp8, a_scale, b_fp8, b_scale, out_dtype)
+    if not _use_triton(a_fp8, a_scale, b_fp8, b_scale):
+        return ref.fp8_gemm_ref(a_fp8, a_scale, b_fp8, b_scale, out_dtype)
+    if _cublas_blockwise_fits(a_fp8, b_fp8, out_dtype):
+        a2 = a_fp8.reshape(-1, a_fp8.shape[-1])
+        out = _cublas_blockwise_gemm(a2, a_scale.reshape(a2.shape[0], -1), b_fp8, b_scale, out_dtype)
+        return out.view(*a_fp8.shape[:-1], b_fp8.shape[0])
+    return _triton().fp8_gemm(a_fp8, a_scale, b_fp8, b_scale, out_dtype)
+
+
+# From this many output elements on (M x N), cuBLAS's blockwise GEMM beat the Triton kernel on the
+# H100/H200 in bench/kernels.py (docs/PERFORMANCE_kernels.md); smaller, decode-sized GEMMs go to
+# Triton's split-K configurations.
+CUBLAS_MIN_OUTPUT = 896 * 1024
+
+
+def _cublas_blockwise_fits(a_fp8: torch.Tensor, b_fp8: torch.Tensor, out_dtype: torch.dtype) -> bool:
+    """cuBLAS (CUDA 12.9+) has the V3 scaling recipes on SM90 only, with a bf16 output, M a multiple
+    of 4, K a multiple of 4 x 128 and N of 16; other shapes go to the Triton kernel."""
+    m = a_fp8.numel() // max(1, a_fp8.shape[-1])
+    n, k = b_fp8.shape
+    return (hasattr(F, "ScalingType") and _capability(a_fp8.get_device()) == (9, 0) and out_dtype == torch.bfloat16
+            and m * n >= CUBLAS_MIN_OUTPUT and m % 4 == 0 and k % (4 * GEMM_BLOCK_K) == 0 and n % 16 == 0
+            and a_fp8.is_contiguous() and b_fp8.is_contiguous())
+
+
+def _cublas_blockwise_gemm(a2, a_scale, b_fp8, b_scale, out_dtype):
+    """The same GEMM through torch.nn.functional.scaled_mm (cuBLAS): A in 1x128 tiles, B in 128x128
+    blocks or 1x128 rows. cuBLAS wants the 1x128 scales M-major, hence the transposed copies."""
+    rows_b = b_scale.shape[0] == b_fp8.shape[0]
+    b_recipe = F.ScalingType.BlockWise1x128 if rows_b else F.ScalingType.BlockWise128x128
+    b_scale = b_scale.t().contiguous().t() if rows_b else b_scale.t()
+    return F.scaled_mm(a2, b_fp8.t(), a_scale.t().contiguous().t(), F.ScalingType.BlockWise1x128,
+                       b_scale, b_recipe, output_dtype=out_dtype)
+
+
+def fp8_grouped_gemm(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torch.Tensor,
+                     b_scale: torch.Tensor, offsets: torch.Tensor,
+                     out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """MoE experts in one launch: rows offsets[e-1]:offsets[e] of A [M, K] (tokens sorted by
+    expert) times B[e]^T, B [E, N, K] with scales [E, ceil(N/128), ceil(K/128)] -> [M, N].
+
+    `offsets` is the int32 cumulative end row of each expert (the `offs` of `torch._grouped_mm`),
+    non-decreasing, with offsets[-1] == M. On CUDA that last condition is not checked, because
+    checking would synchronise the host with the GPU; rows past offsets[-1] are then left unwritten.
+    """
+    _check(a_fp8.dim() == 2, lambda: f"fp8_grouped_gemm a_fp8: shape {tuple(a_fp8.shape)} must be [M, K]")
+    _check(b_fp8.dim() == 3, lambda: f"fp8_grouped_gemm b_fp8: shape {tuple(b_fp8.shape)} must be [E, N, K]")
+    _check_gemm_operands("fp8_grouped_gemm", a_fp8, a_scale, b_fp8, b_scale, out_dtype)
+    _check(b_fp8.shape[0] > 0, lambda: f"fp8_grouped_gemm b_fp8: shape {tuple(b_fp8.shape)} has no experts")
+    _check(offsets.dtype == torch.int32 and tuple(offsets.shape) == (b_fp8.shape[0],),
+           lambda: f"fp8_grouped_gemm offsets: dtype {offsets.dtype} shape {tuple(offsets.shape)}, "
+           f"expected int32 [{b_fp8.shape[0]}] (one cumulative end row per expert)")
+    if _use_triton(a_fp8, a_scale, b_fp8, b_scale, offsets):
+        return _triton().fp8_grouped_gemm(a_fp8, a_scale, b_fp8, b_scale, offsets, out_dtype)
+    ends = offsets.tolist()
+    _check(all(x <= y for x, y in zip([0, *ends[:-1]], ends, strict=True)) and ends[-1] == a_fp8.shape[0],
+           lambda: f"fp8_grouped_gemm offsets: {ends[:8]}{'...' if len(ends) > 8 else ''} must be non-decreasing "
+           f"and end at M={a_fp8.shape[0]}")
+    return ref.fp8_grouped_gemm_ref(a_fp8, a_scale, b_fp8, b_scale, offsets, out_dtype)

@@ -1,0 +1,104 @@
+"""FP8 linear layer for training and inference, and the in-place swap of a model's Linear layers.
+
+Forward and both backward GEMMs run in FP8 with the DeepSeek-V3 tiling (technical report,
+section 3.3): the three GEMMs of a linear layer share one blockwise-scaled kernel.
+  forward  y  = x  @ W^T : x in 1x128 tiles (per token), W in 128x128 blocks.
+  dgrad    dx = dy @ W   : dy in 1x128 tiles, W^T in 128x128 blocks (the transpose of W's blocks:
+                           same scales and fp8 values, re-quantized straight from the transposed
+                           view, which is cheaper on the GPU than transposing the fp8 copy).
+  wgrad    dW = dy^T @ x : dy^T and x^T both in 1x128 tiles along the token dimension.
+Accumulation is fp32 in every GEMM. The parameters are the master weights in the module's own
+dtype (fp32 or bf16); they are re-quantized from the master copy every forward, and the weight
+gradient comes back in the master dtype. Gates, norms, embeddings and output heads stay in high
+precision, as in V3 (`DEFAULT_SKIP`).
+"""
+from collections.abc import Iterable
+from fnmatch import fnmatch
+
+import torch
+from r1pipe.kernels.fp8 import act_quant, fp8_gemm, weight_quant
+from torch import nn
+
+# Module names (fnmatch patterns on the dotted name) that V3 keeps in high precision: the
+# embedding, output head (and MTP's shared head), the MoE router and MTP's eh_proj.
+DEFAULT_SKIP = ("*embed_tokens", "*lm_head", "*shared_head.head", "gate", "*.gate", "*eh_proj")
+
+
+def is_skipped(module_name: str, skip: Iterable[str]) -> bool:
+    return any(fnmatch(module_name, pattern) for pattern in skip)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class _FP8LinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
+                out_dtype: torch.dtype):
+        x2 = x.reshape(-1, x.shape[-1])
+        x_fp8, x_scale = act_quant(x2)
+        ctx.save_for_backward(x2, weight)
+        ctx.weight_dtype = weight.dtype
+        ctx.x_dtype = x.dtype
+        return fp8_gemm(x_fp8, x_scale, w_fp8, w_scale, out_dtype).unflatten(0, x.shape[:-1])
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x2, weight = ctx.saved_tensors
+        dy = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            dy_fp8, dy_scale = act_quant(dy)
+            wt_fp8, wt_scale = weight_quant(weight.t())  # = the forward's blocks transposed, bit for bit
+            grad_x = fp8_gemm(dy_fp8, dy_scale, wt_fp8, wt_scale, ctx.x_dtype)
+            grad_x = grad_x.unflatten(0, grad_out.shape[:-1])
+        if ctx.needs_input_grad[1]:
+            dyt_fp8, dyt_scale = act_quant(dy.t())  # quantized along tokens, straight from the
+            xt_fp8, xt_scale = act_quant(x2.t())  # transposed views (no copy on the GPU)
+            grad_w = fp8_gemm(dyt_fp8, dyt_scale, xt_fp8, xt_scale, ctx.weight_dtype)
+        return grad_x, grad_w, None, None, None
+
+
+class FP8Linear(nn.Linear):
+    """nn.Linear whose three GEMMs run in FP8 (V3 block tiling); parameters stay the master weights.
+
+    Same parameters, state-dict keys and init as nn.Linear. The bias is added in the output dtype.
+    The quantized weight is cached until the master weight changes (its storage or in-place
+    version), so inference and repeated forwards (MTP, gradient accumulation) quantize it once.
+    """
+
+    _fp8_weight: tuple | None = None  # (weight, data_ptr, version, (w_fp8, scale_inv))
+
+    def quantized_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.weight
+        cached = self._fp8_weight
+        if cached is None or cached[0] is not w or cached[1:3] != (w.data_ptr(), w._version):
+            self._fp8_weight = cached = (w, w.data_ptr(), w._version, weight_quant(w.detach()))
+        return cached[3]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = _FP8LinearFunction.apply(x, self.weight, *self.quantized_weight(), _compute_dtype(x))
+        return out if self.bias is None else out + self.bias.to(out.dtype)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "FP8Linear":
+        """An FP8Linear that shares `linear`'s parameters (optimizer state stays valid)."""
+        fp8 = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        fp8.weight = linear.weight
+        fp8.bias = linear.bias
+        return fp8
+
+
+def convert_to_fp8_linear(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP) -> list[str]:
+    """Replace every plain nn.Linear of `model` in place by an FP8Linear sharing its parameters,
+    except modules whose dotted name matches a `skip` pattern. Returns the converted names."""
+    skip = tuple(skip)
+    targets = [(name, module) for name, module in model.named_modules()
+               if type(module) is nn.Linear and not is_skipped(name, skip)]
+    for name, module in targets:
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child_name, FP8Linear.from_linear(module))
+    return [name for name, _ in targets]

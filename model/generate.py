@@ -1,0 +1,265 @@
+"""Batched KV-cache generation for ragged prompt batches, the native rollout engine's core.
+
+Prompts are left-padded into one batch; padding and rejected drafts are invalid cache slots (see
+`LatentCache`). Our model decodes over the absorbed MLA latent cache; HF dense models (Qwen2, Llama)
+go through the same loop with their own `DynamicCache`. With `use_mtp`, the first MTP module drafts one
+token per step and the main model verifies it (speculative sampling: greedy output is identical to plain
+decoding, sampled output has the same distribution); the acceptance rate is returned.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from r1pipe.model.layers import LatentCache
+from r1pipe.model.modeling import DeepseekForCausalLM
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[list[int]]  # completion tokens per prompt (the stop token included when produced)
+    logprobs: list[list[float]]  # log p(token) under the temperature-scaled model distribution (before top-p)
+    truncated: list[bool]  # stopped by max_new_tokens rather than a stop token
+    acceptance_rate: float | None = None  # MTP drafts accepted / drafts proposed
+    cache_bytes: int | None = None  # bytes of the KV cache allocated for this batch
+
+
+def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """Probabilities to sample from: softmax(logits / T), restricted to the top-p nucleus and renormalised."""
+    probs = (logits.float() / temperature).softmax(-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def token_logprob(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    scaled = logits.float() / (temperature if temperature > 0 else 1.0)
+    return scaled.log_softmax(-1).gather(-1, tokens[..., None])[..., 0]
+
+
+class Sampler:
+    """Greedy (temperature 0) or seeded temperature/top-p sampling, plus the speculative accept test."""
+
+    def __init__(self, temperature: float, top_p: float, seed: int, device):
+        self.temperature, self.top_p = temperature, top_p
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.temperature == 0:
+            return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+        return sampling_probs(logits, self.temperature, self.top_p)
+
+    def sample(self, probs: torch.Tensor) -> torch.Tensor:
+        return torch.multinomial(probs, 1, generator=self.generator)[:, 0]
+
+    def verify(self, draft: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Speculative sampling (Leviathan et al. 2023): accept draft d ~ q with prob min(1, p(d)/q(d)), else
+        sample from max(p - q, 0). -> accepted [B] bool, the token to emit at this position [B]."""
+        p_d, q_d = p.gather(1, draft[:, None])[:, 0], q.gather(1, draft[:, None])[:, 0]
+        u = torch.rand(draft.shape, generator=self.generator, device=draft.device)
+        accepted = u * q_d < p_d
+        residual = (p - q).clamp_min(0)
+        empty = residual.sum(-1, keepdim=True) <= 0
+        residual = torch.where(empty, p, residual)
+        resampled = self.sample(residual / residual.sum(-1, keepdim=True))
+        return accepted, torch.where(accepted, draft, resampled)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate: every prompt needs at least one token")
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    valid = torch.zeros(len(prompts), width, dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt)
+        valid[row, width - len(prompt):] = True
+    return ids.to(device), valid.to(device)
+
+
+class Decoder:
+    """One forward over new tokens with a cache: ours (latent cache) or an HF model (DynamicCache).
+    `use_cache=False` recomputes the whole sequence every step (the naive reference)."""
+
+    def __init__(self, model, batch: int, max_len: int, use_cache: bool):
+        self.model, self.use_cache = model, use_cache
+        self.ours = isinstance(model, DeepseekForCausalLM)
+        param = next(model.parameters())
+        self.cache = None
+        self.history: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        if use_cache and self.ours:
+            self.cache = LatentCache(model.config, batch, max_len, model.config.num_hidden_layers, param.dtype,
+                                     param.device)
+        elif use_cache:
+            from transformers import DynamicCache
+
+            self.cache = DynamicCache(config=model.config)
+            self.seen_valid = torch.zeros(batch, 0, dtype=torch.bool, device=param.device)
+
+    def forward(self, ids: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """-> final normed hidden (ours) or logits (HF) for the new tokens [B, T, .]."""
+        if not self.use_cache:
+            new = ids.shape[1]
+            if self.history is not None:
+                ids, valid, positions = (torch.cat([h, x], 1) for h, x in zip(self.history, (ids, valid, positions),
+                                                                              strict=True))
+            self.history = (ids, valid, positions)
+            return self.call(ids, valid, positions)[:, -new:]
+        return self.call(ids, valid, positions)
+
+    def call(self, ids, valid, positions):
+        if self.ours:
+            return self.model(ids, attention_mask=valid.long(), position_ids=positions, cache=self.cache,
+                              return_hidden=True).hidden_states
+        if self.cache is not None:
+            self.seen_valid = torch.cat([self.seen_valid, valid], 1)
+            valid = self.seen_valid
+        return self.model(input_ids=ids, attention_mask=valid.long(), position_ids=positions,
+                          past_key_values=self.cache, use_cache=self.cache is not None).logits
+
+    def logits(self, out: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(out) if self.ours else out
+
+    def invalidate_last(self, rows: torch.Tensor) -> None:
+        """Mark the newest slot of `rows` invalid (a rejected draft)."""
+        if self.use_cache:
+            self.cache.valid[rows, self.cache.length - 1] = False
+        else:
+            self.history[1][rows, -1] = False
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
+             eos_token_id: int | list[int] | None = None, seed: int = 0, use_mtp: bool = False,
+             use_cache: bool = True, pad_token_id: int = 0) -> GenerationResult:
+    """Sample up to `max_new_tokens` after each prompt (token id lists, any lengths) in one batch.
+
+    temperature 0 is greedy. `use_mtp` drafts with the first MTP module (our model only). `use_cache=False`
+    recomputes the full sequence each step (slow; the reference the cached path is tested against)."""
+    if max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"generate: need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    ours = isinstance(model, DeepseekForCausalLM)
+    if use_mtp and not (ours and model.config.num_nextn_predict_layers > 0):
+        raise ValueError("generate: use_mtp needs a DeepseekForCausalLM with num_nextn_predict_layers >= 1")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    stops = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+    ids, valid = left_pad(prompts, pad_token_id, device)
+    batch, width = ids.shape
+    positions = (valid.long().cumsum(1) - 1).clamp_min(0)
+    max_len = width + (2 if use_mtp else 1) * max_new_tokens + 1
+    decoder = Decoder(model, batch, max_len, use_cache)
+    sampler = Sampler(temperature, top_p, seed, device)
+    state = _Emitter(batch, max_new_tokens, stops)
+    out = decoder.forward(ids, valid, positions)
+    next_pos = positions[:, -1] + 1
+    logits = decoder.logits(out[:, -1])
+    token = sampler.sample(sampler.probs(logits))
+    state.emit(token, token_logprob(logits, token, temperature), torch.ones_like(token, dtype=torch.bool))
+    if use_mtp:
+        acceptance = _speculative_loop(model, decoder, sampler, state, ids, valid, positions, out, token, next_pos,
+                                       max_len, temperature)
+    else:
+        acceptance = None
+        while not state.done():
+            out = decoder.forward(token[:, None], torch.ones_like(valid[:, :1]), next_pos[:, None])
+            next_pos = next_pos + 1
+            logits = decoder.logits(out[:, -1])
+            token = sampler.sample(sampler.probs(logits))
+            state.emit(token, token_logprob(logits, token, temperature), torch.ones_like(token, dtype=torch.bool))
+    model.train(was_training)
+    cache_bytes = decoder.cache.nbytes() if isinstance(decoder.cache, LatentCache) else None
+    return GenerationResult(state.tokens, state.logprobs, state.truncated(), acceptance, cache_bytes)
+
+
+class _Emitter:
+    """Collects emitted tokens per row until a stop token or max_new_tokens."""
+
+    def __init__(self, batch: int, max_new_tokens: int, stops: set[int]):
+        self.tokens: list[list[int]] = [[] for _ in range(batch)]
+        self.logprobs: list[list[float]] = [[] for _ in range(batch)]
+        self.finished = [False] * batch
+        self.max_new_tokens, self.stops = max_new_tokens, stops
+
+    def emit(self, tokens: torch.Tensor, logprobs: torch.Tensor, mask: torch.Tensor) -> None:
+        for row, (tok, lp, ok) in enumerate(zip(tokens.tolist(), logprobs.tolist(), mask.tolist(), strict=True)):
+            if not ok or self.finished[row]:
+                continue
+            self.tokens[row].append(tok)
+            self.logprobs[row].append(lp)
+            if tok in self.stops or len(self.tokens[row]) >= self.max_new_tokens:
+                self.finished[row] = True
+
+    def done(self) -> bool:
+        return all(self.finished)
+
+    def truncated(self) -> list[bool]:
+        return [not (t and t[-1] in self.stops) for t in self.tokens]
+
+
+def _speculative_loop(model: DeepseekForCausalLM, decoder: Decoder, sampler: Sampler, state: _Emitter,
+                      ids, valid, positions, hidden, token, next_pos, max_len, temperature) -> float:
+    """MTP draft + main-model verify, two cache slots per step; a rejected draft's slot becomes invalid."""
+    mtp_layer = model.mtp_layers[0]
+    mtp_cache = LatentCache(model.config, ids.shape[0], max_len, 1, hidden.dtype, hidden.device,
+                            first_layer=model.config.num_hidden_layers) if decoder.use_cache else None
+    mtp_history = []
+
+    def mtp(previous_hidden, next_tokens, new_valid, pos):
+        """MTP hidden for positions whose main hidden is `previous_hidden` and next token `next_tokens`."""
+        if mtp_cache is None:  # naive reference: recompute the MTP block over everything so far
+            mtp_history.append((previous_hidden, next_tokens, new_valid, pos))
+            parts = [torch.cat(p, 1) for p in zip(*mtp_history, strict=True)]
+            return _mtp_block(model, mtp_layer, *parts, None)[:, -next_tokens.shape[1]:]
+        return _mtp_block(model, mtp_layer, previous_hidden, next_tokens, new_valid, pos, mtp_cache)
+
+    def draft_from(mtp_hidden):
+        logits = model.lm_head(mtp_layer.shared_head.norm(mtp_hidden))
+        q = sampler.probs(logits)
+        return sampler.sample(q), q
+
+    rows = torch.arange(ids.shape[0], device=ids.device)
+    # prefill the MTP block over the prompt: position i combines h_i with token i+1
+    following = torch.cat([ids[:, 1:], token[:, None]], 1)
+    draft, q = draft_from(mtp(hidden, following, valid, positions)[:, -1])
+    proposed = accepted_total = 0
+    while not state.done():
+        step_ids = torch.stack([token, draft], 1)
+        step_pos = torch.stack([next_pos, next_pos + 1], 1)
+        out = decoder.forward(step_ids, torch.ones_like(step_ids, dtype=torch.bool), step_pos)
+        logits = model.lm_head(out)
+        p_first = sampler.probs(logits[:, 0])
+        accepted, first = sampler.verify(draft, p_first, q)
+        second = sampler.sample(sampler.probs(logits[:, 1]))
+        active = torch.tensor([not f for f in state.finished], device=ids.device)
+        proposed += int(active.sum())
+        accepted_total += int((accepted & active).sum())
+        state.emit(first, token_logprob(logits[:, 0], first, temperature), torch.ones_like(accepted))
+        state.emit(second, token_logprob(logits[:, 1], second, temperature), accepted)
+        decoder.invalidate_last(rows[~accepted])
+        # MTP over the two new slots: (h_a, token after a), (h_b, token after b) -- slot b only if accepted
+        mtp_hidden = mtp(out, torch.stack([first, second], 1), torch.stack([torch.ones_like(accepted), accepted], 1),
+                         step_pos)
+        last = torch.where(accepted, 1, 0)
+        draft, q = draft_from(mtp_hidden[rows, last])
+        token = torch.where(accepted, second, first)
+        next_pos = next_pos + 1 + accepted.long()
+    return accepted_total / max(proposed, 1)
+
+
+def _mtp_block(model: DeepseekForCausalLM, layer, previous_hidden, next_tokens, new_valid, positions, cache):
+    ctx = model.attention_context(next_tokens, new_valid.long(), positions, cache)
+    x = layer.combine(model.model.embed_tokens(next_tokens), previous_hidden)
+    x, _, _ = layer(x, ctx, new_valid.long(), False)
+    if cache is not None:
+        cache.advance(ctx.new_valid)
+    return x

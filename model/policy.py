@@ -1,0 +1,150 @@
+"""One policy interface for our DeepSeek model and Hugging Face dense causal LMs (Qwen2, Llama, ...), so
+every stage treats them alike: final hidden states, chunked per-token log-probs, the LM training loss,
+the after-step hook (V3 expert-bias update) and saving."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from r1pipe.model.config import MODEL_TYPES, DeepseekConfig, preset_names
+from r1pipe.model.layers import build_attention_mask, upcast
+from r1pipe.model.modeling import DeepseekForCausalLM
+
+
+class PolicyError(ValueError):
+    """A model path or preset that cannot be loaded as a policy (one-line message)."""
+
+
+def chunk_logprobs(hidden: torch.Tensor, head: torch.Tensor, targets: torch.Tensor, temperature: float,
+                   with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(target) (and entropy) for hidden [B, C, H] through head weight [V, H], in fp32."""
+    logp = (upcast(F.linear(hidden, head)) / temperature).log_softmax(-1)
+    token = logp.gather(-1, targets[..., None])[..., 0]
+    entropy = -(logp.exp() * logp).sum(-1) if with_entropy else None
+    return token, entropy
+
+
+def dense_mask(attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None) -> torch.Tensor | None:
+    """For HF models: packed rows (position_ids restarting at 0) get an explicit [B, 1, T, T] block-causal
+    mask, since transformers' SDPA/eager paths otherwise attend across documents."""
+    if position_ids is None or position_ids.shape[1] < 2 or not bool((position_ids[:, 1:] == 0).any()):
+        return attention_mask
+    valid = (torch.ones_like(position_ids, dtype=torch.bool) if attention_mask is None
+             else attention_mask.bool())
+    doc = (position_ids == 0).long().cumsum(1)
+    return build_attention_mask(valid, position_ids.shape[1], doc, doc)
+
+
+class Policy:
+    """A causal LM behind the small interface the stages use. `module` may be replaced by a wrapper
+    (PEFT, DeepSpeed) that exposes the same model through `get_base_model()` or `.module`."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The causal LM itself under PEFT/DeepSpeed wrappers (adapters stay injected in its layers)."""
+        m = self.module
+        while True:
+            if hasattr(m, "get_base_model"):
+                m = m.get_base_model()
+            elif hasattr(m, "module") and isinstance(m.module, torch.nn.Module):
+                m = m.module
+            else:
+                return m
+
+    @property
+    def is_deepseek(self) -> bool:
+        return isinstance(self.model, DeepseekForCausalLM)
+
+    def output_head(self) -> torch.Tensor:
+        return self.model.lm_head.weight if self.is_deepseek else self.model.get_output_embeddings().weight
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Final normed hidden states [B, T, H] (no vocabulary projection)."""
+        model = self.model
+        if self.is_deepseek:
+            return model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         return_hidden=True).hidden_states
+        return model.get_decoder()(input_ids=input_ids, attention_mask=dense_mask(attention_mask, position_ids),
+                                   position_ids=position_ids).last_hidden_state
+
+    def token_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                       position_ids: torch.Tensor | None = None, chunk_size: int = 1024, temperature: float = 1.0,
+                       return_entropy: bool = False):
+        """[B, T-1] log-probs of input_ids[:, 1:] (and per-token entropy when asked), computed `chunk_size`
+        positions at a time; under autograd each chunk is recomputed in backward, so at most one
+        [B, chunk, V] fp32 block of logits exists at once."""
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids)[:, :-1]
+        targets = input_ids[:, 1:]
+        head = self.output_head()
+        logps, entropies = [], []
+        for start in range(0, hidden.shape[1], chunk_size):
+            args = (hidden[:, start:start + chunk_size], head, targets[:, start:start + chunk_size], temperature,
+                    return_entropy)
+            if torch.is_grad_enabled() and hidden.requires_grad:
+                logp, entropy = checkpoint(chunk_logprobs, *args, use_reentrant=False)
+            else:
+                logp, entropy = chunk_logprobs(*args)
+            logps.append(logp)
+            entropies.append(entropy)
+        logp = torch.cat(logps, 1)
+        return (logp, torch.cat(entropies, 1)) if return_entropy else logp
+
+    def train_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        """Next-token CE on batch["labels"] (-100 ignored; HF convention, shifted inside) plus, for our
+        model, the MTP and balance losses. -> (loss, metrics)."""
+        for key in ("input_ids", "labels"):
+            if key not in batch:
+                raise PolicyError(f"train_loss: batch has no '{key}' (keys: {sorted(batch)})")
+        kwargs = {k: batch.get(k) for k in ("attention_mask", "position_ids")}
+        if self.is_deepseek:
+            out = self.module(batch["input_ids"], labels=batch["labels"], **kwargs)
+            return out.loss, {"loss": float(out.loss.detach()), **out.aux}
+        kwargs["attention_mask"] = dense_mask(kwargs["attention_mask"], kwargs["position_ids"])
+        out = self.module(input_ids=batch["input_ids"], labels=batch["labels"], **kwargs)
+        return out.loss, {"loss": float(out.loss.detach())}
+
+    def after_optimizer_step(self) -> dict[str, float]:
+        """V3: aux-loss-free expert-bias update from this step's loads (returns load metrics); dense: no-op."""
+        return self.model.update_expert_bias() if self.is_deepseek else {}
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        self.module.save_pretrained(str(directory))
+
+
+def load_policy(path_or_preset: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                **config_overrides) -> Policy:
+    """A checkpoint directory (ours/DeepSeek HF, or any HF causal LM) or a DeepSeek preset name (fresh
+    weights from the current torch seed; `config_overrides` such as vocab_size apply to presets)."""
+    path = Path(path_or_preset)
+    if path.is_dir():
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise PolicyError(f"{path}: no config.json (not a model directory)")
+        try:
+            model_type = json.loads(config_file.read_text()).get("model_type")
+        except json.JSONDecodeError as e:
+            raise PolicyError(f"{config_file}: not valid JSON ({e})") from None
+        if model_type in MODEL_TYPES:
+            return Policy(DeepseekForCausalLM.from_pretrained(path, dtype=dtype, device=device))
+        from transformers import AutoModelForCausalLM
+
+        try:
+            module = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        except (OSError, ValueError, KeyError) as e:
+            raise PolicyError(f"{path}: transformers cannot load it as a causal LM ({str(e).splitlines()[0]})") from None
+        return Policy(module.to(device))
+    if str(path_or_preset) in preset_names():
+        config = DeepseekConfig.preset(str(path_or_preset))
+        if config_overrides:
+            config = config.replace(**config_overrides)
+        return Policy(DeepseekForCausalLM(config).to(device=device, dtype=dtype))
+    raise PolicyError(f"model path {str(path_or_preset)!r}: neither a model directory nor a preset "
+                      f"({', '.join(preset_names())})")

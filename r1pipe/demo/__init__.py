@@ -1,0 +1,1 @@
+"""The embedded demo: a synthetic reasoning task and a repository-built tokenizer."""

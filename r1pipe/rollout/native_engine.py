@@ -1,0 +1,55 @@
+"""Rollouts with our own KV-cache decoding (``r1pipe.model.generate``) on the trainer's live weights.
+
+No second copy of the model and no weight push: generation reads the policy being trained. Slower
+than vLLM, but it needs nothing beyond torch, and for V3 policies it can draft with the MTP module
+(speculative decoding). A recipe selects it explicitly with ``rollout.engine: native``.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from r1pipe.rollout.base import Completion, SamplingSettings
+
+
+class NativeEngine:
+    def __init__(self, policy, *, mtp_speculative: bool = False, pad_token_id: int = 0):
+        self.policy, self.mtp_speculative, self.pad_token_id = policy, mtp_speculative, pad_token_id
+        self.last_acceptance_rate: float | None = None
+
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingSettings, seed: int) -> list[Completion]:
+        from r1pipe.model.generate import generate
+
+        if sampling.top_k > 0:
+            raise ValueError("grpo.top_k: the native engine samples with temperature and top_p only; set top_k: -1")
+        repeated = [ids for ids in prompt_ids for _ in range(sampling.n)]
+        with torch.no_grad():
+            result = generate(
+                self.policy.model,
+                repeated,
+                max_new_tokens=sampling.max_tokens,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                eos_token_id=list(sampling.stop_token_ids),
+                seed=seed,
+                use_mtp=self.mtp_speculative,
+                pad_token_id=self.pad_token_id,
+            )
+        self.last_acceptance_rate = result.acceptance_rate
+        return [
+            Completion(row // sampling.n, tokens, logprobs, truncated)
+            for row, (tokens, logprobs, truncated) in enumerate(
+                zip(result.token_ids, result.logprobs, result.truncated, strict=True)
+            )
+        ]
+
+    def push_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> float:
+        """Nothing to copy: the engine decodes with the policy's own parameters."""
+        return 0.0
+
+    def sleep(self) -> None:
+        """Shares the trainer's memory; nothing to release."""
+
+    def close(self) -> None:
+        """Holds no resources of its own."""

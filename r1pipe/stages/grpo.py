@@ -1,0 +1,630 @@
+"""Stage `grpo`: prompts -> G samples each -> rewards -> group advantages -> mu policy updates.
+
+One rollout batch is ``train.batch_size`` completions (``batch_size / group_size`` prompts); it feeds
+``grpo.mu`` optimizer steps. The first update's forward pass records the old-policy log-probs (the
+weights have not moved yet), so later updates reuse them without an extra forward. After the last
+update the new weights go into the rollout engine in memory (``rollout.engine``).
+
+beta > 0 keeps a frozen reference (with LoRA: the same model with its adapters disabled, no copy);
+beta = 0 loads no reference model at all. The maths lives in ``r1pipe.grpo``; the optimizer,
+accumulation, checkpoints and resume in ``r1pipe.train.Trainer``.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import Field, model_validator
+
+from r1pipe.config import RecipeError, Section, StageConfig, register_stage
+from r1pipe.data import SourceSection
+from r1pipe.grpo import ImportanceCorrection, LossType, ScaleRewards
+from r1pipe.rollout import RolloutSection
+from r1pipe.train import ModelSection, TrainSection
+
+PROMPT_FIELDS = ("prompt", "messages", "system")
+
+
+# ----------------------------------------------------------------------------------------------
+# Recipe sections
+
+
+class PromptDataSection(Section):
+    """The prompts GRPO samples from, and the columns the rewards read."""
+
+    sources: list[SourceSection] = Field(
+        min_length=1, description="Datasets with `prompt` (or `messages`) per row, mixed by weight."
+    )
+    reward_columns: list[str] = Field(
+        default_factory=lambda: ["answer"],
+        description="Columns passed to the reward functions (e.g. answer for math, test_list for code).",
+    )
+    shuffle: bool = Field(True, description="Shuffle prompts each epoch (seeded by run.seed).")
+    chat_template: str | None = Field(
+        None, description="Jinja chat template (inline or a .jinja file); default: the tokenizer's."
+    )
+    system_prompt: str | None = Field(None, description="System message for rows without a `system` field.")
+    think_prefill: bool = Field(False, description="End every prompt with '<think>\\n' (R1 style).")
+
+
+class GrpoSection(Section):
+    """The GRPO objective and its DAPO / Dr. GRPO variants."""
+
+    group_size: int = Field(8, ge=2, description="G: completions sampled per prompt.")
+    mu: int = Field(1, ge=1, description="Optimizer steps per rollout batch (old log-probs stored at the first).")
+    loss_type: LossType = Field(
+        "dapo",
+        description="grpo: per-sequence token mean; bnpo: per-micro-batch token mean; dapo: token mean over the "
+        "whole step; dr_grpo: token sum / (sequences x max_completion_length).",
+    )
+    scale_rewards: ScaleRewards = Field(
+        "group", description="Divide advantages by the group's std, the batch's std, or not at all (Dr. GRPO: none)."
+    )
+    eps_low: float = Field(0.2, ge=0, lt=1, description="Lower clip: ratio >= 1 - eps_low.")
+    eps_high: float = Field(0.28, ge=0, description="Upper clip: ratio <= 1 + eps_high (DAPO clip-higher: 0.28).")
+    beta: float = Field(0.0, ge=0, description="k3 KL weight to the frozen reference; 0 loads no reference.")
+    max_prompt_length: int = Field(512, gt=0, description="Prompts longer than this (tokens) are skipped, counted.")
+    max_completion_length: int = Field(256, gt=0, description="Tokens generated per completion at most.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (the trainer's log-probs use it too).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
+    top_k: int = Field(-1, description="Top-k sampling (-1: off).")
+    dynamic_sampling: bool = Field(
+        False, description="DAPO: drop groups whose rewards are all equal and sample more prompts to refill."
+    )
+    max_sampling_rounds: int = Field(
+        4, ge=1, description="Dynamic sampling: generation rounds per batch before filling with zero-std groups."
+    )
+    overlong_filter: bool = Field(False, description="DAPO: no loss on completions cut at max_completion_length.")
+    importance_correction: ImportanceCorrection = Field(
+        "token_truncate",
+        description="Correct the rollout engine's sampling mismatch with pi_trainer/pi_rollout: token_/sequence_ "
+        "truncate (cap) or mask (drop outside [1/cap, cap]); none.",
+    )
+    importance_cap: float = Field(2.0, gt=1, description="Cap of the rollout importance weights.")
+    logprob_chunk_size: int = Field(
+        256, gt=0, description="Positions per chunk when computing log-probs: at most [micro_batch, chunk, vocab] fp32 "
+        "logits exist at once (never [batch, seq, vocab])."
+    )
+    log_samples: int = Field(2, ge=0, description="Completions per rollout batch written to samples.jsonl.")
+
+
+def _reward_section():
+    from r1pipe.rewards import RewardSpec
+
+    return RewardSpec
+
+
+class GrpoConfig(StageConfig):
+    model: ModelSection = Field(description="Policy to train (HF directory, r1pipe checkpoint or V3 preset).")
+    data: PromptDataSection = Field(description="Prompt sources and the columns the rewards need.")
+    train: TrainSection = Field(
+        description="Optimisation; batch_size = completions per rollout batch (prompts x group_size)."
+    )
+    grpo: GrpoSection = Field(default_factory=GrpoSection, description="GRPO objective and sampling.")
+    rollout: RolloutSection = Field(description="Rollout engine: vllm (colocated), vllm_server or native.")
+    rewards: list[_reward_section()] = Field(  # type: ignore[valid-type]
+        min_length=1, description="Reward functions with weights and options (r1pipe rewards list)."
+    )
+
+    @model_validator(mode="after")
+    def _batch_holds_groups(self):
+        if self.train.batch_size % self.grpo.group_size:
+            raise ValueError(
+                f"train.batch_size {self.train.batch_size} is not a multiple of grpo.group_size {self.grpo.group_size}"
+            )
+        return self
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompts
+
+
+@dataclass
+class Prompt:
+    ids: list[int]
+    text: str
+    columns: dict[str, Any]
+
+
+def build_prompts(data: PromptDataSection, tokenizer, max_prompt_length: int, seed: int) -> tuple[list[Prompt], dict]:
+    """Render every row with the chat template; rows over ``max_prompt_length`` tokens are skipped and counted."""
+    from r1pipe.data import apply_template, load_mixture, render_prompt, to_messages
+
+    apply_template(tokenizer, data.chat_template)
+    dataset = load_mixture(data, PROMPT_FIELDS + tuple(data.reward_columns), seed)
+    missing = [c for c in data.reward_columns if c not in dataset.column_names]
+    if missing:
+        raise RecipeError(
+            f"data.reward_columns: {missing[0]!r} is not a column of the prompt data "
+            f"(columns: {', '.join(dataset.column_names)}); map it with data.sources.N.columns"
+        )
+    prompts, skipped = [], 0
+    for row, record in enumerate(dataset):
+        if record.get("prompt") is None and record.get("messages") is None:
+            raise RecipeError(f"data: row {row} has neither `prompt` nor `messages`")
+        messages = to_messages({k: record.get(k) for k in PROMPT_FIELDS}, data.system_prompt)
+        text = render_prompt(tokenizer, messages, data.think_prefill)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > max_prompt_length:
+            skipped += 1
+            continue
+        prompts.append(Prompt(ids, text, {c: record[c] for c in data.reward_columns}))
+    if not prompts:
+        raise RecipeError(f"data: no prompt fits grpo.max_prompt_length={max_prompt_length} ({skipped} skipped)")
+    return prompts, {"data/prompts": len(prompts), "data/prompts_too_long": skipped}
+
+
+class PromptSampler:
+    """Deterministic epoch-shuffled prompt order; its position (prompts consumed) is the resume state."""
+
+    def __init__(self, count: int, seed: int, shuffle: bool):
+        self.count, self.seed, self.shuffle, self.consumed = count, seed, shuffle, 0
+
+    def take(self, n: int) -> list[int]:
+        out = []
+        for position in range(self.consumed, self.consumed + n):
+            epoch, offset = divmod(position, self.count)
+            order = np.random.default_rng(self.seed + epoch).permutation(self.count) if self.shuffle else None
+            out.append(int(order[offset]) if order is not None else offset)
+        self.consumed += n
+        return out
+
+    def state_dict(self) -> dict:
+        return {"consumed": self.consumed, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["count"] != self.count:
+            raise RecipeError(f"resume: the checkpoint saw {state['count']} prompts, the recipe now gives {self.count}")
+        self.consumed = state["consumed"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Rollout batch
+
+
+@dataclass
+class RolloutBatch:
+    """One rollout batch as right-padded sequences (prompt + completion), token tensors aligned to them.
+
+    ``completion_mask`` marks the completion tokens that carry loss; ``rollout_logp`` the engine's
+    log-probs there; ``advantages`` one value per sequence. ``old_logp`` fills at the first update.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    completion_mask: torch.Tensor
+    rollout_logp: torch.Tensor
+    advantages: torch.Tensor
+    ref_logp: torch.Tensor | None = None
+    old_logp: list[torch.Tensor | None] = field(default_factory=list)
+
+    def micro_batches(self, size: int) -> list[dict]:
+        out = []
+        for index, start in enumerate(range(0, len(self.input_ids), size)):
+            rows = slice(start, start + size)
+            length = int(self.attention_mask[rows].sum(1).max())
+            part = {
+                "input_ids": self.input_ids[rows, :length],
+                "attention_mask": self.attention_mask[rows, :length],
+                "completion_mask": self.completion_mask[rows, :length],
+                "rollout_logp": self.rollout_logp[rows, :length],
+                "advantages": self.advantages[rows],
+                "index": index,
+            }
+            if self.ref_logp is not None:
+                part["ref_logp"] = self.ref_logp[rows, :length]
+            out.append(part)
+        if len(self.old_logp) != len(out):
+            self.old_logp = [None] * len(out)
+        return out
+
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def pack_sequences(prompts: list[list[int]], completions, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded prompt+completion ids with masks; engine log-probs placed at completion positions."""
+    length = max(len(p) + len(c.token_ids) for p, c in zip(prompts, completions, strict=True))
+    n = len(completions)
+    input_ids = torch.full((n, length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(n, length, dtype=torch.long)
+    completion_mask = torch.zeros(n, length)
+    rollout_logp = torch.zeros(n, length)
+    for row, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
+        p, c = len(prompt), len(completion.token_ids)
+        input_ids[row, : p + c] = torch.tensor(prompt + completion.token_ids, dtype=torch.long)
+        attention_mask[row, : p + c] = 1
+        completion_mask[row, p : p + c] = 1
+        if completion.logprobs:
+            rollout_logp[row, p : p + c] = torch.tensor(completion.logprobs)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "completion_mask": completion_mask,
+        "rollout_logp": rollout_logp,
+    }
+
+
+def sequence_logprobs(policy, batch: dict, temperature: float, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob and entropy of every token given its prefix under logits / temperature, aligned to
+    input_ids ([B, L]; position 0, which has no prefix, gets 0). The policy computes them in chunks,
+    never a [B, L, V] fp32 tensor."""
+    mask = batch["attention_mask"]
+    position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+    logp, entropy = policy.token_logprobs(
+        batch["input_ids"], mask, position_ids, chunk_size=chunk_size, temperature=temperature, return_entropy=True
+    )
+    return torch.nn.functional.pad(logp, (1, 0)), torch.nn.functional.pad(entropy, (1, 0))
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage
+
+
+class GrpoRun:
+    """The state of one GRPO run: trainer, engine, prompts, rewards, reference, current rollout batch."""
+
+    def __init__(self, cfg: GrpoConfig, run_dir):
+        from r1pipe.rewards import RewardSet
+        from r1pipe.train import Trainer, load_tokenizer
+
+        self.cfg, self.run_dir, self.g = cfg, run_dir, cfg.grpo
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.prompts, self.data_stats = build_prompts(cfg.data, self.tokenizer, self.g.max_prompt_length, cfg.run.seed)
+        self.rewards = RewardSet(cfg.rewards)
+        missing = [c for c in self.rewards.columns if c not in cfg.data.reward_columns]
+        if missing:
+            raise RecipeError(f"data.reward_columns: the rewards need column {missing[0]!r}; add it to the list")
+        self.trainer = Trainer(cfg.model, cfg.train, run_dir, seed=cfg.run.seed)
+        per_rank = cfg.train.batch_size // self.trainer.world_size
+        if per_rank % self.g.group_size:
+            raise RecipeError(
+                f"train.batch_size: {per_rank} completions per rank is not a multiple of grpo.group_size "
+                f"{self.g.group_size}"
+            )
+        self.prompts_per_rank = per_rank // self.g.group_size
+        self.sampler = PromptSampler(len(self.prompts), cfg.run.seed, cfg.data.shuffle)
+        self.reference = self._load_reference() if self.g.beta > 0 else None
+        self.stop_ids = tuple(sorted(_stop_token_ids(self.tokenizer)))
+        self.engine = self._build_engine()
+        self.batch: RolloutBatch | None = None
+        self.rollout_metrics: dict = {}
+
+    # -- setup ----------------------------------------------------------------------------------
+
+    def _load_reference(self):
+        """Frozen copy of the initial policy; with LoRA the policy itself with adapters disabled."""
+        if self.cfg.model.lora is not None:
+            return None
+        from r1pipe.model.policy import load_policy
+
+        reference = load_policy(self.cfg.model.path, dtype=getattr(torch, self.cfg.model.dtype),
+                                device=self.trainer.device)
+        reference.module.eval().requires_grad_(False)
+        return reference
+
+    def _reference_context(self):
+        if self.cfg.model.lora is not None:
+            return self.trainer.policy.module.disable_adapter()
+        return contextlib.nullcontext()
+
+    def _build_engine(self):
+        from r1pipe.rollout import build_engine
+
+        model_dir = None
+        if self.cfg.rollout.engine == "vllm":
+            model_dir = Path(self.cfg.model.path)
+            if not (model_dir / "config.json").is_file() or self.cfg.model.lora is not None:
+                # a preset, an r1pipe checkpoint or a LoRA policy: hand vLLM an HF directory of the merged weights
+                model_dir = Path(self.run_dir.path) / "rollout_model"
+                if self.trainer.is_main or self.trainer.world_size == 1:
+                    write_engine_checkpoint(self.trainer.policy, self.tokenizer, model_dir)
+                self.trainer.barrier()
+        return build_engine(
+            self.cfg.rollout,
+            model_dir=model_dir,
+            policy=self.trainer.policy,
+            max_model_len=self.g.max_prompt_length + self.g.max_completion_length,
+            seed=self.cfg.run.seed,
+        )
+
+    # -- rollouts -------------------------------------------------------------------------------
+
+    def _sampling(self):
+        from r1pipe.rollout import SamplingSettings
+
+        return SamplingSettings(
+            n=self.g.group_size,
+            max_tokens=self.g.max_completion_length,
+            temperature=self.g.temperature,
+            top_p=self.g.top_p,
+            top_k=self.g.top_k,
+            stop_token_ids=self.stop_ids,
+        )
+
+    def _seed(self, round_index: int) -> int:
+        """Sampling seed of one generation round: a function of (run seed, step, round, rank) only."""
+        return (self.cfg.run.seed * 1_000_003 + self.trainer.step * 7919 + round_index * 131 + self.trainer.rank) % 2**31
+
+    def _score(self, prompt_indices: list[int], completions) -> tuple[torch.Tensor, dict, int]:
+        g = self.g.group_size
+        prompts = [self.prompts[i] for i in prompt_indices for _ in range(g)]
+        texts = self.tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
+        columns = {name: [p.columns[name] for p in prompts] for name in self.cfg.data.reward_columns}
+        result = self.rewards.score([p.text for p in prompts], texts, [c.token_ids for c in completions], **columns)
+        # a completion no reward could score (e.g. unparseable gold) is NaN: left out of its group's baseline
+        total = torch.tensor([float(v) if ok else float("nan") for v, ok in zip(result.total, result.scored, strict=True)])
+        per_reward = {
+            name: [float("nan") if v is None else float(v) for v in values] for name, values in result.per_reward.items()
+        }
+        return total, per_reward, len(result.errors)
+
+    def generate_batch(self) -> RolloutBatch:
+        """Sample groups until the rank's share of the batch is full (dynamic sampling: groups with signal)."""
+        from r1pipe import grpo
+
+        g, want = self.g.group_size, self.prompts_per_rank
+        kept: list[tuple] = []  # (prompt index, completions, rewards, per_reward)
+        spare: list[tuple] = []
+        tokens, seconds, errors, rounds = 0, 0.0, 0, 0
+        while len(kept) < want and rounds < (self.g.max_sampling_rounds if self.g.dynamic_sampling else 1):
+            indices = self.sampler.take((want - len(kept)) * self.trainer.world_size)
+            mine = indices[self.trainer.rank :: self.trainer.world_size]
+            start = time.perf_counter()
+            completions = self.engine.generate([self.prompts[i].ids for i in mine], self._sampling(), self._seed(rounds))
+            seconds += time.perf_counter() - start
+            tokens += sum(len(c.token_ids) for c in completions)
+            total, per_reward, n_errors = self._score(mine, completions)
+            errors += n_errors
+            signal = grpo.groups_with_signal(total, g) if self.g.dynamic_sampling else torch.ones(len(mine), dtype=bool)
+            for k, index in enumerate(mine):
+                group = (index, completions[k * g : (k + 1) * g], total[k * g : (k + 1) * g],
+                         {name: v[k * g : (k + 1) * g] for name, v in per_reward.items()})
+                (kept if signal[k] and len(kept) < want else spare).append(group)
+            rounds += 1
+        filled = max(0, want - len(kept))
+        kept += spare[:filled]
+        self.engine.sleep()
+        return self._assemble(kept, tokens, seconds, errors, rounds, filled)
+
+    def _assemble(self, groups, tokens, seconds, errors, rounds, filled) -> RolloutBatch:
+        from r1pipe import grpo
+
+        completions = [c for _, group, _, _ in groups for c in group]
+        prompt_ids = [self.prompts[i].ids for i, group, _, _ in groups for _ in group]
+        rewards = torch.cat([r for _, _, r, _ in groups])
+        advantages, zero_std = grpo.group_advantages(rewards, self.g.group_size, self.g.scale_rewards)
+        packed = pack_sequences(prompt_ids, completions, self.tokenizer.pad_token_id)
+        truncated = torch.tensor([c.truncated for c in completions])
+        if self.g.overlong_filter:
+            packed["completion_mask"] = grpo.overlong_filter(packed["completion_mask"], truncated)
+        batch = RolloutBatch(advantages=advantages, **packed)
+        if self.g.beta > 0:
+            batch.ref_logp = self._reference_logprobs(batch)
+        lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float)
+        metrics = {
+            "reward/mean": float(rewards.nanmean()),
+            "reward/std": float(_std(rewards)),
+            "completion_length/mean": float(lengths.mean()),
+            "completion_length/max": float(lengths.max()),
+            "truncated_fraction": float(truncated.float().mean()),
+            "zero_std_fraction": float(zero_std.float().mean()),
+            "reward_errors": errors,
+            "generation_s": seconds,
+            "generation_tokens_per_s": tokens / max(seconds, 1e-9),
+        }
+        for name in groups[0][3]:
+            values = torch.tensor([v for _, _, _, per in groups for v in per[name]])
+            metrics[f"reward/{name}/mean"] = float(values.nanmean())
+            metrics[f"reward/{name}/std"] = float(_std(values))
+        if "accuracy" in groups[0][3]:
+            metrics["accuracy"] = metrics["reward/accuracy/mean"]
+        if self.g.dynamic_sampling:
+            metrics.update({"dynamic_sampling/rounds": rounds, "dynamic_sampling/filled_zero_std": filled})
+        self.rollout_metrics = {name: self.trainer.all_reduce_mean(v) for name, v in metrics.items()}
+        if self.trainer.is_main and self.g.log_samples:
+            texts = self.tokenizer.batch_decode([c.token_ids for c in completions[: self.g.log_samples]])
+            self.run_dir.log_samples(self.trainer.step, [
+                {"prompt": self.prompts[groups[k // self.g.group_size][0]].text, "completion": text,
+                 "reward": float(rewards[k]), "advantage": float(advantages[k])}
+                for k, text in enumerate(texts)
+            ])
+        return batch
+
+    @torch.no_grad()
+    def _reference_logprobs(self, batch: RolloutBatch) -> torch.Tensor:
+        policy = self.reference or self.trainer.policy
+        policy.module.eval()
+        parts = []
+        with self._reference_context(), self.trainer.autocast():
+            for micro in batch.micro_batches(self.cfg.train.micro_batch_size):
+                micro = {k: v.to(self.trainer.device) if torch.is_tensor(v) else v for k, v in micro.items()}
+                logp, _ = sequence_logprobs(policy, micro, self.g.temperature, self.g.logprob_chunk_size)
+                parts.append(torch.nn.functional.pad(logp.float().cpu(), (0, batch.input_ids.shape[1] - logp.shape[1])))
+        return torch.cat(parts)
+
+    # -- updates --------------------------------------------------------------------------------
+
+    def loss_fn(self, policy, micro: dict) -> tuple[torch.Tensor, dict]:
+        """GRPO loss of one micro batch, normalised over the whole step (see r1pipe.grpo.aggregate_loss)."""
+        from r1pipe import grpo
+
+        g, batch, totals = self.g, self.batch, self._totals
+        logp, entropy = sequence_logprobs(policy, micro, g.temperature, g.logprob_chunk_size)
+        mask = micro["completion_mask"]
+        stored = batch.old_logp[micro["index"]]
+        old_logp = logp.detach() if stored is None else stored.to(logp.device)
+        if stored is None and g.mu > 1:
+            batch.old_logp[micro["index"]] = old_logp.cpu()
+        weights = grpo.rollout_importance_weights(old_logp, micro["rollout_logp"], mask,
+                                                  g.importance_correction, g.importance_cap)
+        token_loss = grpo.grpo_token_loss(
+            logp, old_logp, micro["advantages"], eps_low=g.eps_low, eps_high=g.eps_high,
+            beta=g.beta, ref_logp=micro.get("ref_logp"), importance_weights=weights,
+        )
+        loss = grpo.aggregate_loss(
+            token_loss, mask, g.loss_type, max_completion_length=g.max_completion_length,
+            batch_sequences=self.cfg.train.batch_size, batch_tokens=totals["tokens"],
+            micro_batches=totals["micro_batches"],
+        )
+        stats = grpo.policy_stats(logp, old_logp, micro["advantages"], mask, eps_low=g.eps_low,
+                                  eps_high=g.eps_high, ref_logp=micro.get("ref_logp"))
+        tokens = mask.sum().clamp(min=1)
+        stats["entropy"] = float((entropy.detach() * mask).sum() / tokens)
+        stats["is_weight_mean"] = float((weights.expand_as(mask) * mask).sum() / tokens)
+        stats["logprob_mismatch"] = float(((old_logp - micro["rollout_logp"]).abs() * mask).sum() / tokens)
+        # train_step sums metric x weight (= world size) over micro batches and averages over ranks
+        share = 1.0 / (totals["micro_batches"] * self.trainer.world_size)
+        metrics = {name: value * share for name, value in stats.items()}
+        metrics["loss"] = loss.detach()
+        return loss, metrics
+
+    def update(self) -> dict:
+        micro_batches = self.batch.micro_batches(self.cfg.train.micro_batch_size)
+        tokens = float(self.batch.completion_mask.sum())
+        self._totals = {"tokens": self.trainer.all_reduce_sum(tokens), "micro_batches": len(micro_batches)}
+        weights = [float(self.trainer.world_size)] * len(micro_batches)
+        metrics = self.trainer.train_step(micro_batches, self.loss_fn, weights)
+        metrics["train_tokens_per_s"] = float(self.batch.attention_mask.sum()) * self.trainer.world_size / max(
+            metrics["step_time_s"], 1e-9
+        )
+        return metrics
+
+    def push_weights(self) -> float:
+        deepspeed = self.cfg.train.deepspeed
+        weights = engine_weights(self.trainer.policy, zero3=deepspeed is not None and deepspeed.zero_stage == 3)
+        if self.cfg.rollout.engine == "vllm_server" and not self.trainer.is_main:
+            for _ in weights:  # the gather is collective; only rank 0 talks to the server
+                pass
+            return 0.0
+        return self.engine.push_weights(weights)
+
+    # -- loop -----------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        trainer, run_dir = self.trainer, self.run_dir
+        extra = trainer.resume()
+        if extra is not None:
+            self.sampler.load_state_dict(extra["prompts"])
+            if extra.get("rollout") is not None:
+                self.batch = RolloutBatch(**extra["rollout"])
+            if trainer.is_main:
+                run_dir.truncate_metrics_after(trainer.step)
+            self.push_weights()
+        elif trainer.is_main:
+            run_dir.log_metrics(0, self.data_stats)
+        with trainer.progress("grpo") as bar:
+            while trainer.step < trainer.max_steps:
+                fresh = trainer.step % self.g.mu == 0
+                if fresh:
+                    self.batch = self.generate_batch()
+                metrics = self.update()
+                if fresh:
+                    metrics.update(self.rollout_metrics)
+                if trainer.step % self.g.mu == 0 or trainer.step == trainer.max_steps:
+                    metrics["weight_push_s"] = self.push_weights()
+                    self.batch = None
+                trainer.log(metrics)
+                bar.set_postfix(reward=f"{self.rollout_metrics.get('reward/mean', float('nan')):.3f}")
+                bar.update(1)
+                if trainer.should_save():
+                    rollout = self.batch.state_dict() if self.batch is not None else None
+                    trainer.save({"prompts": self.sampler.state_dict(), "rollout": rollout})
+        checkpoint = trainer.save_final(self.tokenizer)
+        self.engine.close()
+        if trainer.is_main:
+            run_dir.plot(
+                ["reward/mean", "accuracy", "completion_length/mean", "clip_fraction", "kl", "entropy",
+                 "zero_std_fraction", "generation_tokens_per_s", "grad_norm"],
+                "grpo.png",
+            )
+        return {"checkpoint": checkpoint}
+
+
+def _std(values: torch.Tensor) -> torch.Tensor:
+    values = values[~values.isnan()]
+    return values.std() if values.numel() > 1 else torch.tensor(0.0)
+
+
+def _stop_token_ids(tokenizer) -> set[int]:
+    """EOS of the tokenizer and of the model's generation config (chat models end turns with their own token)."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    for token in ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<｜end▁of▁sentence｜>"):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id and token_id is not None:
+            ids.add(token_id)
+    return ids
+
+
+def engine_weights(policy, zero3: bool = False):
+    """The policy's weights under the names an HF checkpoint uses (what vLLM's loaders expect).
+
+    A PEFT policy is merged for the push and unmerged after, so the adapters keep training. Under
+    ZeRO-3 each rank holds a shard of every parameter: see ``_gathered_weights``.
+    """
+    module = policy.module
+    if zero3:
+        yield from _gathered_weights(policy.model)
+    elif hasattr(module, "merge_adapter"):
+        module.merge_adapter()
+        try:
+            for name, tensor in module.state_dict().items():
+                if "lora_" in name or "modules_to_save" in name:
+                    continue
+                yield name.removeprefix("base_model.model.").replace(".base_layer", ""), tensor
+        finally:
+            module.unmerge_adapter()
+    else:
+        yield from _hf_names(policy.model)
+
+
+def _hf_names(model):
+    """Our V3 stores experts fused and names them per expert on the way out; HF models already match."""
+    return model.hf_named_tensors() if hasattr(model, "hf_named_tensors") else iter(model.state_dict().items())
+
+
+def _gathered_weights(model):
+    """ZeRO-3: gather one decoder layer at a time (then the embedding, norm and head), yield its tensors.
+
+    A whole 671B model never fits on one device; a layer does. Every rank must iterate (the gather is
+    collective). MTP layers also yield copies of the shared embedding and head, so those join their group.
+    """
+    import deepspeed
+
+    layers = {name: m for name, m in model.named_modules() if re.fullmatch(r"model\.layers\.\d+", name)}
+    shared = [p for n, p in model.named_parameters() if not n.startswith("model.layers.")]
+    decoder_layers = model.config.num_hidden_layers
+    groups = [
+        (f"{name}.", list(layer.parameters()) + (shared if int(name.rsplit(".", 1)[1]) >= decoder_layers else []))
+        for name, layer in layers.items()
+    ]
+    groups.append(("", shared))
+    for prefix, params in groups:
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            for name, tensor in _hf_names(model):
+                in_group = name.startswith(prefix) if prefix else not name.startswith("model.layers.")
+                if in_group and tensor.numel() > 0:
+                    yield name, tensor
+
+
+def write_engine_checkpoint(policy, tokenizer, directory: Path) -> None:
+    """An HF directory of the current (merged) policy for vLLM to start from."""
+    directory.mkdir(parents=True, exist_ok=True)
+    module = policy.module
+    if hasattr(module, "merge_adapter"):
+        state = dict(engine_weights(policy))
+        module.get_base_model().save_pretrained(directory, state_dict=state)
+    else:
+        policy.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+@register_stage("grpo", GrpoConfig)
+def run(cfg: GrpoConfig, run_dir) -> dict:
+    return GrpoRun(cfg, run_dir).run()

