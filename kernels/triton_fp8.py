@@ -2,7 +2,7 @@
 
 Hand-written because no maintained library covers this exact format: torch._scaled_mm and
 torch._scaled_grouped_mm take row-wise or tensor-wise scales, and the DeepSeek-V3 reference Triton
-GEMM is several times slower than bf16 cuBLAS (docs/PERFORMANCE_kernels.md). One K-loop
+GEMM is several times slower than bf16 cuBLAS (docs/PERFORMANCE.md, section 2). One K-loop
 (`_scaled_dot`) serves the plain GEMM and the grouped MoE GEMM: for every 128-wide K slice it
 multiplies FP8 tiles on the tensor cores and adds the fp32 partial product times
 a_scale[row] * b_scale[col] to an fp32 accumulator (V3's promotion of partial sums every 128).

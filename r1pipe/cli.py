@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import textwrap
 import typing
@@ -84,7 +85,8 @@ def run_stage(cfg, overwrite: bool = False) -> dict:
     from r1pipe.rundir import RunDir, seed_everything
 
     _, run_fn = get_stage(cfg.stage)
-    run_dir = RunDir.open(cfg, overwrite=overwrite)
+    main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun/deepspeed only rank 0 owns the run dir
+    run_dir = RunDir.open(cfg, overwrite=overwrite, main_process=main_process)
     done = run_dir.read_outputs()
     if done is not None:
         run_dir.logger.info("%s is complete already (outputs.json); nothing to do", run_dir.path)
@@ -93,10 +95,12 @@ def run_stage(cfg, overwrite: bool = False) -> dict:
     run_dir.logger.info("stage %s -> %s", cfg.stage, run_dir.path)
     try:
         outputs = run_fn(cfg, run_dir) or {}
+        if not main_process:
+            return outputs
         run_dir.write_outputs(outputs)
     finally:
         run_dir.close()
-    return outputs
+    return run_dir.read_outputs()  # JSON-plain (paths as strings), exactly what a resumed pipeline sees
 
 
 def _stage_parser(sub, name: str, with_schema: bool):

@@ -231,6 +231,8 @@ def print_plan(recipe: str, overrides=(), gpus: int | None = None) -> list[dict]
         row = {"step": name, "stage": cfg.stage}
         if path is None or "${" in str(path):
             table.add_row("model", f"{path or '-'} (produced by an earlier step)")
+        elif _awaits_earlier_run(str(path)):
+            table.add_row("model", f"{path} (not there yet: an earlier run writes it)")
         else:
             plan = plan_model(str(path), lora=getattr(model, "lora", None) is not None)
             n_gpus = gpus or getattr(getattr(cfg, "train", None), "num_gpus", None) or 1
@@ -251,6 +253,12 @@ def print_plan(recipe: str, overrides=(), gpus: int | None = None) -> list[dict]
         console.print(table)
         rows.append(row)
     return rows
+
+
+def _awaits_earlier_run(path: str) -> bool:
+    """A missing local path under a run directory (runs/<name>/...): another recipe's output, not a typo."""
+    parts = Path(path).parts
+    return not Path(path).exists() and len(parts) > 2 and parts[0] == "runs"
 
 
 def _config_for_plan(planned):

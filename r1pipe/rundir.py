@@ -105,15 +105,23 @@ class RunDir:
 
     # -- creation -------------------------------------------------------------------------------
     @classmethod
-    def open(cls, cfg: StageConfig, overwrite: bool = False) -> RunDir:
+    def open(cls, cfg: StageConfig, overwrite: bool = False, main_process: bool = True) -> RunDir:
         """Create `<output_dir>/<name>/` for `cfg`, or reopen it to resume the same run.
 
         An existing run with a different config, or a non-run directory, is never touched
-        unless `overwrite` is set.
+        unless `overwrite` is set. Other ranks of a multi-process launch wait for the main
+        process to have written this run's config, then join the directory without changing it.
         """
         path = cfg.run.path
         resolved = dump_config(cfg)
         config_file = path / "config.yaml"
+        if not main_process:
+            deadline = time.time() + 300
+            while not (config_file.is_file() and config_file.read_text() == resolved):
+                if time.time() > deadline:
+                    raise RecipeError(f"{path}: rank 0 did not set up this run directory within 300 s")
+                time.sleep(0.5)
+            return cls(path, ())
         if path.exists() and any(path.iterdir()):
             if not overwrite:
                 if not config_file.is_file():
@@ -201,8 +209,8 @@ class RunDir:
         cols = min(3, len(series))
         rows = (len(series) + cols - 1) // cols
         fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
-        for ax, (key, points) in zip(axes.flat, series.items()):
-            steps, values = zip(*points)
+        for ax, (key, points) in zip(axes.flat, series.items(), strict=False):
+            steps, values = zip(*points, strict=True)
             ax.plot(steps, values, lw=1.2)
             ax.set_title(key, fontsize=10)
             ax.set_xlabel("step")

@@ -11,12 +11,15 @@ from r1pipe.config import STAGE_NAMES, _section_class, get_stage, load_recipe
 from r1pipe.pipeline import is_pipeline, load_pipeline
 from r1pipe.plan import print_plan
 
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").rglob("*.yaml"))
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = sorted(RECIPES_DIR.rglob("*.yaml"))
 
 
 def test_recipes_are_shipped():
-    names = {str(p.relative_to(p.parents[1])) for p in RECIPES}
-    for needed in ("demo/pipeline.yaml",):
+    names = {str(p.relative_to(RECIPES_DIR)) for p in RECIPES}
+    for needed in ("demo/pipeline.yaml", "qwen2.5-math-1.5b/grpo.yaml", "deepseek-v2-lite/sft.yaml",
+                   "deepseek-v2-lite/grpo.yaml", "deepseek-v3/grpo.yaml", "distill-qwen2.5-1.5b/sft.yaml",
+                   "distill-llama-3.1-8b/sft.yaml"):
         assert needed in names, sorted(names)
 
 
@@ -53,6 +56,14 @@ def test_top_level_help_and_tools():
         assert command in out
     for tool in ("run", "plan", "rewards"):
         assert subprocess.run([sys.executable, "-m", "r1pipe", tool, "--help"], capture_output=True).returncode == 0
+
+
+def test_module_entry_point_from_checkout_does_not_expose_top_level_folders():
+    """`python -m r1pipe` in the checkout must not let transformers import the repo's `kernels/` folder."""
+    out = subprocess.run([sys.executable, "-m", "r1pipe", "plan", "recipes/qwen2.5-1.5b/sft.yaml"],
+                         capture_output=True, text=True, cwd=RECIPES_DIR.parent)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "r1pipe plan" in out.stdout
 
 
 def test_rewards_list_shows_builtins(capsys):

@@ -14,7 +14,7 @@ from pydantic import Field, model_validator
 from r1pipe.config import RecipeError, Section
 from r1pipe.rollout.base import Completion, RolloutEngine, SamplingSettings
 
-__all__ = ["Completion", "RolloutEngine", "RolloutSection", "SamplingSettings", "build_engine"]
+__all__ = ["Completion", "RolloutEngine", "RolloutSection", "SamplingSettings", "build_engine", "stop_token_ids"]
 
 
 class RolloutSection(Section):
@@ -87,3 +87,13 @@ def build_engine(section: RolloutSection, *, model_dir: Path | None, policy, max
         sleep_during_training=section.sleep_during_training,
         seed=seed,
     )
+
+
+def stop_token_ids(tokenizer) -> set[int]:
+    """EOS of the tokenizer and of the model's generation config (chat models end turns with their own token)."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    for token in ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<｜end▁of▁sentence｜>"):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id and token_id is not None:
+            ids.add(token_id)
+    return ids

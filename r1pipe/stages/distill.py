@@ -309,11 +309,11 @@ class Distiller:
     def run_chunk(self, chunk: int, indices: list[int]) -> None:
         """Sample, score, filter and deduplicate one chunk; write its rows and stats atomically."""
         from r1pipe.rollout import SamplingSettings
-        from r1pipe.stages.grpo import _stop_token_ids
+        from r1pipe.rollout import stop_token_ids
 
         s = self.cfg.sampling
         sampling = SamplingSettings(n=s.n, max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
-                                    stop_token_ids=tuple(sorted(_stop_token_ids(self.tokenizer))))
+                                    stop_token_ids=tuple(sorted(stop_token_ids(self.tokenizer))))
         seed = chunk_seed(self.cfg.run.seed, chunk)
         start = time.perf_counter()
         completions = self.engine.generate([self.prompts[i].ids for i in indices], sampling, seed)

@@ -134,13 +134,13 @@ class Evaluator:
     def generate(self, prompt_ids: list[list[int]], seed: int) -> list[list[dict]]:
         """k completions per prompt as sample dicts (text, token count, truncated)."""
         from r1pipe.rollout import SamplingSettings
-        from r1pipe.stages.grpo import _stop_token_ids
+        from r1pipe.rollout import stop_token_ids
 
         s = self.cfg.sampling
         if self.engine is None:
             self.engine = self.build_engine(self.max_model_len)
         sampling = SamplingSettings(n=s.n, max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
-                                    stop_token_ids=tuple(sorted(_stop_token_ids(self.tokenizer))))
+                                    stop_token_ids=tuple(sorted(stop_token_ids(self.tokenizer))))
         completions = self.engine.generate(prompt_ids, sampling, seed)
         texts = self.tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
         grouped: list[list[dict]] = [[] for _ in prompt_ids]

@@ -232,9 +232,9 @@ def export_tokenizer(section: ExportSection, source: Path, out_dir: Path):
 def write_generation_config(section: ExportSection, config: dict, tokenizer, out_dir: Path) -> None:
     from transformers import GenerationConfig
 
-    from r1pipe.stages.grpo import _stop_token_ids
+    from r1pipe.rollout import stop_token_ids
 
-    eos = sorted(_stop_token_ids(tokenizer) | {i for i in _as_list(config.get("eos_token_id")) if i is not None})
+    eos = sorted(stop_token_ids(tokenizer) | {i for i in _as_list(config.get("eos_token_id")) if i is not None})
     GenerationConfig(
         do_sample=True, temperature=section.temperature, top_p=section.top_p,
         bos_token_id=config.get("bos_token_id", tokenizer.bos_token_id),
@@ -337,11 +337,11 @@ def verify_export(section: ExportSection, source: Path, out_dir: Path, tokenizer
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    from r1pipe.stages.grpo import _stop_token_ids
+    from r1pipe.rollout import stop_token_ids
 
     v = section.verify
     ids = prompt_ids(tokenizer, v.prompts)
-    stop_ids = sorted(_stop_token_ids(tokenizer))
+    stop_ids = sorted(stop_token_ids(tokenizer))
     report: dict = {"prompts": v.prompts}
     hf_greedy = None
     run_dtype = "bfloat16" if section.fp8 else section.dtype  # FP8 weights run as bf16 (transformers and vLLM)

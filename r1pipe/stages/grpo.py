@@ -25,7 +25,7 @@ from pydantic import Field, model_validator
 from r1pipe.config import RecipeError, Section, StageConfig, register_stage
 from r1pipe.data import SourceSection
 from r1pipe.grpo import ImportanceCorrection, LossType, ScaleRewards
-from r1pipe.rollout import RolloutSection
+from r1pipe.rollout import RolloutSection, stop_token_ids
 from r1pipe.train import ModelSection, TrainSection
 
 PROMPT_FIELDS = ("prompt", "messages", "system")
@@ -291,7 +291,7 @@ class GrpoRun:
         self.prompts_per_rank = per_rank // self.g.group_size
         self.sampler = PromptSampler(len(self.prompts), cfg.run.seed, cfg.data.shuffle)
         self.reference = self._load_reference() if self.g.beta > 0 else None
-        self.stop_ids = tuple(sorted(_stop_token_ids(self.tokenizer)))
+        self.stop_ids = tuple(sorted(stop_token_ids(self.tokenizer)))
         self.engine = self._build_engine()
         self.batch: RolloutBatch | None = None
         self.rollout_metrics: dict = {}
@@ -550,16 +550,6 @@ class GrpoRun:
 def _std(values: torch.Tensor) -> torch.Tensor:
     values = values[~values.isnan()]
     return values.std() if values.numel() > 1 else torch.tensor(0.0)
-
-
-def _stop_token_ids(tokenizer) -> set[int]:
-    """EOS of the tokenizer and of the model's generation config (chat models end turns with their own token)."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    for token in ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<｜end▁of▁sentence｜>"):
-        token_id = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id and token_id is not None:
-            ids.add(token_id)
-    return ids
 
 
 def engine_weights(policy, zero3: bool = False):
