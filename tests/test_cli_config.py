@@ -69,7 +69,7 @@ def toy_run(cfg, run_dir):
         run_dir.log_metrics(step, {"loss": 1.0 / step})
         run_dir.save_checkpoint(step, lambda d, s=step: (d / "state.json").write_text(json.dumps({"step": s})))
     run_dir.plot(["loss"])
-    return {"checkpoint": str(run_dir.latest_checkpoint()), "steps": cfg.train.max_steps}
+    return {"checkpoint": run_dir.latest_checkpoint(), "steps": cfg.train.max_steps}  # a Path, as real stages return
 
 
 @pytest.fixture

