@@ -125,8 +125,8 @@ class DeepseekForCausalLM(nn.Module):
 
     def compile_moe(self, **compile_kwargs) -> None:
         """torch.compile each MoE layer in place (parameter names unchanged). Fuses the routing, permutation
-        and SwiGLU glue around the grouped GEMMs: on an H200 the V2-Lite-shaped layer's forward+backward
-        went from 1.23-1.27x to 1.45x of transformers' grouped_mm path (docs/PERFORMANCE.md, section 1)."""
+        and SwiGLU glue around the grouped GEMMs: on an H100 the V2-Lite-shaped layer's forward+backward
+        goes from 1.27x to 1.52x of transformers' grouped_mm path (docs/PERFORMANCE.md, section 1)."""
         for moe in self.moe_layers().values():
             moe.compile(**compile_kwargs)
 
