@@ -14,7 +14,7 @@ from pydantic import Field, model_validator
 from r1pipe.config import RecipeError, Section
 from r1pipe.rollout.base import Completion, RolloutEngine, SamplingSettings
 
-__all__ = ["Completion", "RolloutEngine", "RolloutSection", "SamplingSettings", "build_engine", "stop_token_ids"]
+__all__ = ["Completion", "RolloutEngine", "RolloutSection", "SamplingSettings", "build_engine", "build_frozen_engine", "stop_token_ids"]
 
 
 class RolloutSection(Section):
@@ -87,6 +87,24 @@ def build_engine(section: RolloutSection, *, model_dir: Path | None, policy, max
         sleep_during_training=section.sleep_during_training,
         seed=seed,
     )
+
+
+def build_frozen_engine(section: RolloutSection, path: str | Path, dtype: str, key: str, *, max_model_len: int,
+                        seed: int):
+    """An engine over a model that does not train (the eval model, the distillation teacher): vLLM reads
+    its HF directory, the native engine loads it as a policy. ``key`` names the recipe key in errors."""
+    path = Path(path)
+    if section.engine == "native":
+        import torch
+
+        from r1pipe.model.policy import load_policy
+
+        policy = load_policy(path, dtype=getattr(torch, dtype))
+        policy.module.eval()
+        return build_engine(section, model_dir=None, policy=policy, max_model_len=max_model_len, seed=seed)
+    if section.engine == "vllm" and not (path / "config.json").is_file():
+        raise RecipeError(f"{key}: {path} is not a Hugging Face model directory (no config.json)")
+    return build_engine(section, model_dir=path, policy=None, max_model_len=max_model_len, seed=seed)
 
 
 def stop_token_ids(tokenizer) -> set[int]:

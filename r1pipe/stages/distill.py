@@ -22,16 +22,14 @@ import re
 import time
 import unicodedata
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import torch
 from pydantic import Field, model_validator
 
 from r1pipe.config import RecipeError, Section, StageConfig, register_stage
 from r1pipe.rollout import RolloutSection
-from r1pipe.stages.grpo import PROMPT_FIELDS, PromptDataSection
+from r1pipe.stages.grpo import PromptDataSection, build_prompts
 
 THINK_START, THINK_END = "<think>", "</think>"
 
@@ -161,6 +159,13 @@ class SamplingSection(Section):
         64, gt=0, description="Prompts generated, scored and written together; the unit of resumption."
     )
 
+    def settings(self, tokenizer):
+        """The rollout engine's sampling settings; completions stop at the tokenizer's end-of-turn tokens."""
+        from r1pipe.rollout import SamplingSettings, stop_token_ids
+
+        return SamplingSettings(n=self.n, max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
+                                stop_token_ids=tuple(sorted(stop_token_ids(tokenizer))))
+
 
 class KeepSection(Section):
     """Which scored completions become training rows."""
@@ -201,40 +206,6 @@ class DistillConfig(StageConfig):
         return self
 
 
-@dataclass
-class PromptRow:
-    """One prompt: its chat messages, the rendered text the teacher continues, and reward columns."""
-
-    messages: list[dict]
-    text: str
-    ids: list[int]
-    columns: dict[str, Any]
-
-
-def load_prompt_rows(data: PromptDataSection, tokenizer, seed: int) -> list[PromptRow]:
-    """Every prompt of the sources in order, rendered with the chat template (the messages are kept
-    for the output rows, which the SFT stage renders again with the student's template)."""
-    from r1pipe.data import apply_template, load_mixture, render_prompt, to_messages
-
-    apply_template(tokenizer, data.chat_template)
-    dataset = load_mixture(data, PROMPT_FIELDS + tuple(data.reward_columns), seed)
-    missing = [c for c in data.reward_columns if c not in dataset.column_names]
-    if missing:
-        raise RecipeError(f"data.reward_columns: {missing[0]!r} is not a column of the prompt data "
-                          f"(columns: {', '.join(dataset.column_names)})")
-    rows = []
-    for index, record in enumerate(dataset):
-        if record.get("prompt") is None and record.get("messages") is None:
-            raise RecipeError(f"data: row {index} has neither `prompt` nor `messages`")
-        messages = to_messages({k: record.get(k) for k in PROMPT_FIELDS}, data.system_prompt)
-        text = render_prompt(tokenizer, messages, data.think_prefill)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        rows.append(PromptRow(messages, text, ids, {c: record[c] for c in data.reward_columns}))
-    if not rows:
-        raise RecipeError("data: the prompt sources are empty")
-    return rows
-
-
 def chunk_seed(run_seed: int, chunk: int) -> int:
     """Sampling seed of one chunk: depends on (run seed, chunk) only, so resuming reproduces the rows."""
     return (run_seed * 1_000_003 + chunk * 7919) % 2**31
@@ -257,7 +228,7 @@ class Distiller:
 
         self.cfg, self.run_dir = cfg, run_dir
         self.tokenizer = load_tokenizer(ModelSection(path=cfg.teacher.path, tokenizer=cfg.teacher.tokenizer))
-        self.prompts = load_prompt_rows(cfg.data, self.tokenizer, cfg.run.seed)
+        self.prompts, _ = build_prompts(cfg.data, self.tokenizer, None, cfg.run.seed)
         self.rewards = RewardSet(cfg.rewards)
         self.shards = run_dir.path / "shards"
         self.shards.mkdir(exist_ok=True)
@@ -268,22 +239,11 @@ class Distiller:
         }
 
     def _build_engine(self):
-        from r1pipe.rollout import build_engine
+        from r1pipe.rollout import build_frozen_engine
 
-        teacher = Path(self.cfg.teacher.path)
-        policy, model_dir = None, None
-        if self.cfg.rollout.engine == "native":
-            from r1pipe.model.policy import load_policy
-
-            policy = load_policy(teacher, dtype=getattr(torch, self.cfg.teacher.dtype))
-            policy.module.eval()
-        elif not (teacher / "config.json").is_file():
-            raise RecipeError(f"teacher.path: {teacher} is not a Hugging Face model directory (no config.json)")
-        else:
-            model_dir = teacher
         longest = max(len(p.ids) for p in self.prompts)
-        return build_engine(self.cfg.rollout, model_dir=model_dir, policy=policy,
-                            max_model_len=longest + self.cfg.sampling.max_tokens, seed=self.cfg.run.seed)
+        return build_frozen_engine(self.cfg.rollout, self.cfg.teacher.path, self.cfg.teacher.dtype, "teacher.path",
+                                   max_model_len=longest + self.cfg.sampling.max_tokens, seed=self.cfg.run.seed)
 
     def shard_path(self, chunk: int) -> Path:
         return self.shards / f"chunk_{chunk:05d}.jsonl"
@@ -308,12 +268,7 @@ class Distiller:
 
     def run_chunk(self, chunk: int, indices: list[int]) -> None:
         """Sample, score, filter and deduplicate one chunk; write its rows and stats atomically."""
-        from r1pipe.rollout import SamplingSettings
-        from r1pipe.rollout import stop_token_ids
-
-        s = self.cfg.sampling
-        sampling = SamplingSettings(n=s.n, max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
-                                    stop_token_ids=tuple(sorted(stop_token_ids(self.tokenizer))))
+        sampling = self.cfg.sampling.settings(self.tokenizer)
         seed = chunk_seed(self.cfg.run.seed, chunk)
         start = time.perf_counter()
         completions = self.engine.generate([self.prompts[i].ids for i in indices], sampling, seed)

@@ -113,34 +113,16 @@ class Evaluator:
         return self.tokenizer(text + ("<think>\n" if e.think_prefill else ""))["input_ids"]
 
     def build_engine(self, max_model_len: int):
-        import torch
+        from r1pipe.rollout import build_frozen_engine
 
-        from r1pipe.rollout import build_engine
-
-        path = Path(self.cfg.model.path)
-        policy = model_dir = None
-        if self.cfg.rollout.engine == "native":
-            from r1pipe.model.policy import load_policy
-
-            policy = load_policy(path, dtype=getattr(torch, self.cfg.model.dtype))
-            policy.module.eval()
-        elif not (path / "config.json").is_file():
-            raise RecipeError(f"model.path: {path} is not a Hugging Face model directory (no config.json)")
-        else:
-            model_dir = path
-        return build_engine(self.cfg.rollout, model_dir=model_dir, policy=policy, max_model_len=max_model_len,
-                            seed=self.cfg.run.seed)
+        return build_frozen_engine(self.cfg.rollout, self.cfg.model.path, self.cfg.model.dtype, "model.path",
+                                   max_model_len=max_model_len, seed=self.cfg.run.seed)
 
     def generate(self, prompt_ids: list[list[int]], seed: int) -> list[list[dict]]:
         """k completions per prompt as sample dicts (text, token count, truncated)."""
-        from r1pipe.rollout import SamplingSettings
-        from r1pipe.rollout import stop_token_ids
-
-        s = self.cfg.sampling
         if self.engine is None:
             self.engine = self.build_engine(self.max_model_len)
-        sampling = SamplingSettings(n=s.n, max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
-                                    stop_token_ids=tuple(sorted(stop_token_ids(self.tokenizer))))
+        sampling = self.cfg.sampling.settings(self.tokenizer)
         completions = self.engine.generate(prompt_ids, sampling, seed)
         texts = self.tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
         grouped: list[list[dict]] = [[] for _ in prompt_ids]

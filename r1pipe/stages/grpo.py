@@ -127,13 +127,19 @@ class GrpoConfig(StageConfig):
 
 @dataclass
 class Prompt:
-    ids: list[int]
+    """One prompt: its chat messages (distillation writes them back out), the rendered text, its token ids
+    and the reward columns of its row."""
+
+    messages: list[dict]
     text: str
+    ids: list[int]
     columns: dict[str, Any]
 
 
-def build_prompts(data: PromptDataSection, tokenizer, max_prompt_length: int, seed: int) -> tuple[list[Prompt], dict]:
-    """Render every row with the chat template; rows over ``max_prompt_length`` tokens are skipped and counted."""
+def build_prompts(data: PromptDataSection, tokenizer, max_prompt_length: int | None, seed: int
+                  ) -> tuple[list[Prompt], dict]:
+    """Render every row with the chat template; rows over ``max_prompt_length`` tokens (if set) are skipped
+    and counted."""
     from r1pipe.data import apply_template, load_mixture, render_prompt, to_messages
 
     apply_template(tokenizer, data.chat_template)
@@ -151,12 +157,13 @@ def build_prompts(data: PromptDataSection, tokenizer, max_prompt_length: int, se
         messages = to_messages({k: record.get(k) for k in PROMPT_FIELDS}, data.system_prompt)
         text = render_prompt(tokenizer, messages, data.think_prefill)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) > max_prompt_length:
+        if max_prompt_length is not None and len(ids) > max_prompt_length:
             skipped += 1
             continue
-        prompts.append(Prompt(ids, text, {c: record[c] for c in data.reward_columns}))
+        prompts.append(Prompt(messages, text, ids, {c: record[c] for c in data.reward_columns}))
     if not prompts:
-        raise RecipeError(f"data: no prompt fits grpo.max_prompt_length={max_prompt_length} ({skipped} skipped)")
+        raise RecipeError(f"data: no prompt fits grpo.max_prompt_length={max_prompt_length} ({skipped} skipped)"
+                          if skipped else "data: the prompt sources are empty")
     return prompts, {"data/prompts": len(prompts), "data/prompts_too_long": skipped}
 
 
