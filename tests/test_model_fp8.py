@@ -7,16 +7,11 @@ from safetensors.torch import load_file, save_file
 from r1pipe.kernels.export import quantize_state_dict_fp8
 from r1pipe.kernels.fp8 import weight_dequant
 from r1pipe.model import DeepseekConfig, DeepseekForCausalLM
-from test_model_helpers import single_thread  # noqa: F401  (autouse fixture)
+from test_model_helpers import single_thread, tiny_v3_scaled  # noqa: F401  (single_thread: autouse fixture)
 
 
 def test_fp8_checkpoint_loads_and_matches_bf16(tmp_path):
-    torch.manual_seed(0)
-    model = DeepseekForCausalLM(DeepseekConfig.preset("tiny-v3"))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim > 1:
-                p.normal_(0, 1 / p.shape[-1] ** 0.5)
+    model = tiny_v3_scaled()
     model.save_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
     tensors = load_file(tmp_path / "bf16" / "model.safetensors")
     quantized, quant_config = quantize_state_dict_fp8(tensors)

@@ -3,19 +3,16 @@ import os
 
 import torch
 
-from r1pipe.model import DeepseekConfig, DeepseekForCausalLM
+from r1pipe.model import DeepseekForCausalLM
 from r1pipe.model.generate import generate
+from test_model_helpers import tiny_v3_scaled
 
 
 def test_vllm_loads_our_checkpoint_and_decodes_the_same(tmp_path, monkeypatch):
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
-    torch.manual_seed(0)
-    model = DeepseekForCausalLM(DeepseekConfig.preset("tiny-v3"))
+    model = tiny_v3_scaled()
     with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim > 1:
-                p.normal_(0, 1 / p.shape[-1] ** 0.5)
         for moe in model.moe_layers().values():
             moe.gate.e_score_correction_bias.normal_(0, 0.1)
     model.save_pretrained(tmp_path, dtype=torch.bfloat16)  # vLLM's CPU MLA backend wants bf16 weights
