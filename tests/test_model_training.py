@@ -2,6 +2,7 @@
 lowers the LM and MTP losses, the expert-bias hook."""
 import json
 
+import pytest
 import torch
 
 from r1pipe.model import DeepseekConfig, DeepseekForCausalLM
@@ -104,9 +105,35 @@ def test_compiled_moe_layers_match_eager():
     model = DeepseekForCausalLM(DeepseekConfig.preset("nano-v3")).train()
     ids = torch.randint(0, 512, (2, 16))
     eager = model(ids, labels=ids).loss
+    moe = next(iter(model.moe_layers().values()))
+    eager_load = moe.expert_load.clone()
+    moe.expert_load.zero_()
     model.compile_moe()
     compiled = model(ids, labels=ids).loss
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    assert eager_load.sum() > 0 and torch.equal(moe.expert_load, eager_load)  # the bias update sees the same loads
     compiled.backward()
     assert model.model.layers[1].mlp.experts.gate_up_proj.grad is not None
     assert "model.layers.1.mlp.experts.gate_up_proj" in model.state_dict()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_trainer_compiles_v3_moe_on_cuda_and_tracks_eager():
+    """The trainer's default on CUDA (model.compile_moe) trains like the eager layers."""
+    from r1pipe.train import ModelSection, Trainer, TrainSection
+
+    ids = torch.randint(0, 512, (8, 64), generator=torch.Generator().manual_seed(0)).cuda()
+    batch = {"input_ids": ids, "labels": ids}
+    losses = {}
+    for compile_moe in (False, True):
+        trainer = Trainer(ModelSection(path="nano-v3", compile_moe=compile_moe),
+                          TrainSection(max_steps=30, batch_size=8, micro_batch_size=8, lr=3e-3, device="cuda"),
+                          run_dir=None, seed=0)
+        moe = next(iter(trainer.policy.model.moe_layers().values()))
+        assert (moe._compiled_call_impl is not None) == compile_moe
+        for _ in range(30):
+            metrics = trainer.train_step([batch])
+        losses[compile_moe] = float(metrics["loss"])
+        assert moe.gate.e_score_correction_bias.abs().max() > 0  # the bias update ran
+    assert losses[True] < 5.0 and abs(losses[True] - losses[False]) <= 0.05 * losses[False], losses
