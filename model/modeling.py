@@ -177,7 +177,9 @@ class DeepseekForCausalLM(nn.Module):
         attention_mask [B, T]: 1 = real token (padding may be on either side). position_ids restarting at
         0 inside a row mark packed documents (no attention across them). labels [B, T] (HF convention:
         shifted inside, -100 ignored) add the loss: CE + MTP loss + balance loss. With `cache`, the
-        tokens are appended to it (position_ids then default to the cache offset)."""
+        tokens are appended to it (position_ids then default to the cache offset). labels together with
+        return_hidden: the caller computes its own token loss on the hidden states (e.g. GRPO's chunked
+        log-probs), so `loss` holds only the auxiliary part, MTP weight x MTP loss + balance loss."""
         ctx = self.attention_context(input_ids, attention_mask, position_ids, cache)
         training_loss = labels is not None
         balance = training_loss and self.training
@@ -195,8 +197,9 @@ class DeepseekForCausalLM(nn.Module):
             return CausalLMOutput(logits=None if return_hidden else self.lm_head(hidden),
                                   hidden_states=hidden if return_hidden else None)
 
-        logits = self.lm_head(hidden)
-        lm_loss = F.cross_entropy(upcast(logits[:, :-1].flatten(0, 1)), labels[:, 1:].flatten(), ignore_index=-100)
+        logits = None if return_hidden else self.lm_head(hidden)
+        lm_loss = None if return_hidden else F.cross_entropy(
+            upcast(logits[:, :-1].flatten(0, 1)), labels[:, 1:].flatten(), ignore_index=-100)
         mtp_losses = []
         previous = hidden
         for k, layer in enumerate(self.mtp_layers, start=1):
@@ -210,8 +213,8 @@ class DeepseekForCausalLM(nn.Module):
             mtp_losses.append(mtp_cross_entropy(mtp_logits, labels, ctx.positions, k))
         self.count_loads(loads)
         balance_losses = [bl for bl in balance_losses if bl is not None]
-        loss = lm_loss
-        aux_tensors = {"lm_loss": lm_loss.detach()}
+        loss = lm_loss if lm_loss is not None else hidden.new_zeros((), dtype=torch.float32)
+        aux_tensors = {"lm_loss": lm_loss.detach()} if lm_loss is not None else {}
         if mtp_losses:
             mtp_loss = torch.stack(mtp_losses).mean()
             loss = loss + self.config.mtp_loss_weight * mtp_loss
@@ -220,7 +223,8 @@ class DeepseekForCausalLM(nn.Module):
             balance_loss = torch.stack(balance_losses).sum()
             loss = loss + balance_loss
             aux_tensors["balance_loss"] = balance_loss.detach()
-        aux = dict(zip(aux_tensors, torch.stack(list(aux_tensors.values())).float().tolist(), strict=True))
+        aux = (dict(zip(aux_tensors, torch.stack(list(aux_tensors.values())).float().tolist(), strict=True))
+               if aux_tensors else {})
         aux.update(load_metrics({i: v for i, v in loads.items() if v is not None}))
         return CausalLMOutput(logits=None if return_hidden else logits,
                               hidden_states=hidden if return_hidden else None, loss=loss, aux=aux)

@@ -68,12 +68,22 @@ class Policy:
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Final normed hidden states [B, T, H] (no vocabulary projection)."""
+        return self.hidden_states_and_aux(input_ids, attention_mask, position_ids)[0]
+
+    def hidden_states_and_aux(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                              position_ids: torch.Tensor | None = None, aux_labels: torch.Tensor | None = None
+                              ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
+        """Hidden states, plus -- for our model given `aux_labels` -- the V3 auxiliary training loss on them
+        (MTP weight x MTP loss + balance loss) and its metrics, from the same forward. (hidden, None, {})
+        for dense models or without labels."""
         model = self.model
         if self.is_deepseek:
-            return model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         return_hidden=True).hidden_states
-        return model.get_decoder()(input_ids=input_ids, attention_mask=dense_mask(attention_mask, position_ids),
-                                   position_ids=position_ids).last_hidden_state
+            out = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=aux_labels,
+                        return_hidden=True)
+            return out.hidden_states, out.loss, out.aux or {}
+        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=dense_mask(attention_mask, position_ids),
+                                     position_ids=position_ids).last_hidden_state
+        return hidden, None, {}
 
     def token_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                        position_ids: torch.Tensor | None = None, chunk_size: int = 1024, temperature: float = 1.0,
@@ -81,7 +91,18 @@ class Policy:
         """[B, T-1] log-probs of input_ids[:, 1:] (and per-token entropy when asked), computed `chunk_size`
         positions at a time; under autograd each chunk is recomputed in backward, so at most one
         [B, chunk, V] fp32 block of logits exists at once."""
-        hidden = self.hidden_states(input_ids, attention_mask, position_ids)[:, :-1]
+        logp, entropy, _, _ = self.token_logprobs_and_aux(input_ids, attention_mask, position_ids, chunk_size,
+                                                          temperature, return_entropy)
+        return (logp, entropy) if return_entropy else logp
+
+    def token_logprobs_and_aux(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                               position_ids: torch.Tensor | None = None, chunk_size: int = 1024,
+                               temperature: float = 1.0, return_entropy: bool = False,
+                               aux_labels: torch.Tensor | None = None):
+        """`token_logprobs` -> (logp, entropy or None, aux loss or None, aux metrics): with `aux_labels`, a V3
+        policy's MTP and balance losses come from the same forward (see `hidden_states_and_aux`)."""
+        hidden, aux_loss, aux_metrics = self.hidden_states_and_aux(input_ids, attention_mask, position_ids, aux_labels)
+        hidden = hidden[:, :-1]
         targets = input_ids[:, 1:]
         head = self.output_head()
         logps, entropies = [], []
@@ -94,8 +115,8 @@ class Policy:
                 logp, entropy = chunk_logprobs(*args)
             logps.append(logp)
             entropies.append(entropy)
-        logp = torch.cat(logps, 1)
-        return (logp, torch.cat(entropies, 1)) if return_entropy else logp
+        entropy = torch.cat(entropies, 1) if return_entropy else None
+        return torch.cat(logps, 1), entropy, aux_loss, aux_metrics
 
     def train_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         """Next-token CE on batch["labels"] (-100 ignored; HF convention, shifted inside) plus, for our

@@ -141,3 +141,13 @@ def test_cli_run_with_colocated_vllm(tmp_path, tiny_model):
     assert [m["step"] for m in steps] == [1, 2, 3]
     assert all("weight_push_s" in m for m in steps)
     assert max(m["logprob_mismatch"] for m in steps) < 1e-4  # pushed weights = trained weights
+
+
+def test_v3_policy_with_mtp_speculative_rollouts(tmp_path):
+    """A V3 policy: native rollouts drafted by its MTP module, and the V3 training parts in the metrics."""
+    recipe = write_recipe(tmp_path, "nano-v3", "v3", **{"train.max_steps": 2,
+                          "rollout": {"engine": "native", "mtp_speculative": True}})
+    run_stage(load_recipe(recipe))
+    first = metrics(tmp_path, "v3")[0]
+    assert 0.0 <= first["mtp_acceptance_rate"] <= 1.0
+    assert first["mtp_loss"] > 0 and "expert_load_max_over_mean" in first  # MTP trained, bias update ran

@@ -100,6 +100,18 @@ def test_short_training_on_real_text_lowers_lm_and_mtp_loss(shared_data):
     assert bias.abs().max() > 0  # the bias update ran
 
 
+def test_hidden_state_forward_with_labels_returns_only_the_auxiliary_loss():
+    """What GRPO adds to its own token loss for a V3 policy: MTP weight x MTP loss + balance loss."""
+    torch.manual_seed(0)
+    model = DeepseekForCausalLM(DeepseekConfig.preset("nano-v3").replace(aux_loss_alpha=0.01)).train()
+    ids = torch.randint(0, 512, (2, 16))
+    full = model(ids, labels=ids)
+    aux = model(ids, labels=ids, return_hidden=True)
+    torch.testing.assert_close(aux.loss, full.loss - full.aux["lm_loss"], rtol=1e-5, atol=1e-5)
+    assert aux.logits is None and aux.hidden_states is not None
+    assert "lm_loss" not in aux.aux and aux.aux["mtp_loss"] > 0 and aux.aux["balance_loss"] > 0
+
+
 def test_compiled_moe_layers_match_eager():
     torch.manual_seed(0)
     model = DeepseekForCausalLM(DeepseekConfig.preset("nano-v3")).train()

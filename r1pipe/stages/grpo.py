@@ -258,16 +258,20 @@ def pack_sequences(prompts: list[list[int]], completions, pad_id: int) -> dict[s
     }
 
 
-def sequence_logprobs(policy, batch: dict, temperature: float, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logprobs(policy, batch: dict, temperature: float, chunk_size: int,
+                      aux_labels: torch.Tensor | None = None):
     """Log-prob and entropy of every token given its prefix under logits / temperature, aligned to
     input_ids ([B, L]; position 0, which has no prefix, gets 0). The policy computes them in chunks,
-    never a [B, L, V] fp32 tensor."""
+    never a [B, L, V] fp32 tensor. With `aux_labels` a V3 policy also returns its MTP + balance loss
+    on them (None for dense models) and those metrics: -> (logp, entropy, aux_loss, aux_metrics)."""
     mask = batch["attention_mask"]
     position_ids = (mask.cumsum(1) - 1).clamp(min=0)
-    logp, entropy = policy.token_logprobs(
-        batch["input_ids"], mask, position_ids, chunk_size=chunk_size, temperature=temperature, return_entropy=True
+    logp, entropy, aux_loss, aux_metrics = policy.token_logprobs_and_aux(
+        batch["input_ids"], mask, position_ids, chunk_size=chunk_size, temperature=temperature, return_entropy=True,
+        aux_labels=aux_labels,
     )
-    return torch.nn.functional.pad(logp, (1, 0)), torch.nn.functional.pad(entropy, (1, 0))
+    pad = torch.nn.functional.pad
+    return pad(logp, (1, 0)), pad(entropy, (1, 0)), aux_loss, aux_metrics
 
 
 # ----------------------------------------------------------------------------------------------
@@ -426,6 +430,9 @@ class GrpoRun:
             "generation_s": seconds,
             "generation_tokens_per_s": tokens / max(seconds, 1e-9),
         }
+        acceptance = getattr(self.engine, "last_acceptance_rate", None)  # native engine, MTP speculative decoding
+        if acceptance is not None:
+            metrics["mtp_acceptance_rate"] = acceptance
         for name in groups[0][3]:
             values = torch.tensor([v for _, _, _, per in groups for v in per[name]])
             metrics[f"reward/{name}/mean"] = float(values.nanmean())
@@ -452,7 +459,7 @@ class GrpoRun:
         with self._reference_context(), self.trainer.autocast():
             for micro in batch.micro_batches(self.cfg.train.micro_batch_size):
                 micro = {k: v.to(self.trainer.device) if torch.is_tensor(v) else v for k, v in micro.items()}
-                logp, _ = sequence_logprobs(policy, micro, self.g.temperature, self.g.logprob_chunk_size)
+                logp = sequence_logprobs(policy, micro, self.g.temperature, self.g.logprob_chunk_size)[0]
                 parts.append(torch.nn.functional.pad(logp.float().cpu(), (0, batch.input_ids.shape[1] - logp.shape[1])))
         return torch.cat(parts)
 
@@ -463,8 +470,11 @@ class GrpoRun:
         from r1pipe import grpo
 
         g, batch, totals = self.g, self.batch, self._totals
-        logp, entropy = sequence_logprobs(policy, micro, g.temperature, g.logprob_chunk_size)
         mask = micro["completion_mask"]
+        # V3 policies keep training their MTP module (on the completions) and the balance loss, as in every stage
+        completion_labels = micro["input_ids"].masked_fill(mask == 0, -100)
+        logp, entropy, aux_loss, aux_metrics = sequence_logprobs(policy, micro, g.temperature, g.logprob_chunk_size,
+                                                                 aux_labels=completion_labels)
         stored = batch.old_logp[micro["index"]]
         old_logp = logp.detach() if stored is None else stored.to(logp.device)
         if stored is None and g.mu > 1:
@@ -488,6 +498,9 @@ class GrpoRun:
         stats["logprob_mismatch"] = float(((old_logp - micro["rollout_logp"]).abs() * mask).sum() / tokens)
         # train_step sums metric x weight (= world size) over micro batches and averages over ranks
         share = 1.0 / (totals["micro_batches"] * self.trainer.world_size)
+        if aux_loss is not None:
+            loss = loss + aux_loss / totals["micro_batches"]  # a per-micro-batch mean: the step's mean over them
+            stats.update({k: v for k, v in aux_metrics.items() if k in ("mtp_loss", "balance_loss")})
         metrics = {name: value * share for name, value in stats.items()}
         metrics["loss"] = loss.detach()
         return loss, metrics
