@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import textwrap
 import typing
+from pathlib import Path
 
 from r1pipe import __version__
 from r1pipe.config import STAGE_NAMES, RecipeError, get_stage, load_recipe
@@ -80,11 +82,39 @@ def describe_schema(cls, indent: int = 2) -> str:
     return "\n".join(lines)
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".gz")
+
+
+def check_local_inputs(cfg) -> None:
+    """Before a run directory is made: a model or data path that can only be local must exist.
+
+    Recipes may name hub ids and presets too, and pipelines fill paths in from earlier steps, so this
+    runs on the final config rather than in the schema."""
+    from r1pipe.model.config import preset_names
+
+    def missing(path: str, what: str) -> bool:
+        return not Path(path).exists() and not HUB_ID.fullmatch(path) and path not in what
+
+    for section in ("model", "teacher"):
+        path = getattr(getattr(cfg, section, None), "path", None)
+        if isinstance(path, str) and missing(path, preset_names()):
+            raise RecipeError(f"{section}.path: no such model directory: {_where(path)}")
+    for index, source in enumerate(getattr(getattr(cfg, "data", None), "sources", None) or []):
+        if source.path.endswith(DATA_SUFFIXES) and not Path(source.path).exists():
+            raise RecipeError(f"data.sources.{index}.path: no such file: {_where(source.path)}")
+
+
+def _where(path: str) -> str:
+    return path if Path(path).is_absolute() else f"{path} (relative to {Path.cwd()})"
+
+
 def run_stage(cfg, overwrite: bool = False) -> dict:
     """Open (or resume) the run directory and run the stage; a finished run is not redone."""
     from r1pipe.rundir import RunDir, seed_everything
 
     _, run_fn = get_stage(cfg.stage)
+    check_local_inputs(cfg)
     main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun/deepspeed only rank 0 owns the run dir
     run_dir = RunDir.open(cfg, overwrite=overwrite, main_process=main_process)
     done = run_dir.read_outputs()

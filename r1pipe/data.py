@@ -107,7 +107,8 @@ def load_source(source: SourceSection, index: int, fields: tuple[str, ...]):
     except RecipeError:
         raise
     except (OSError, ValueError, datasets.exceptions.DatasetsError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = _first_bad_json_line(path) or (str(err).strip().splitlines()[0] if str(err).strip()
+                                               else type(err).__name__)
         raise RecipeError(f"{key}.path: cannot load {source.path!r}: {first}") from None
     missing = [column for column in source.columns if column not in dataset.column_names]
     if missing:
@@ -453,3 +454,24 @@ class BatchStream:
                 f"resume: the checkpoint's data had {state.get('rows')} rows, the recipe now gives {len(self.rows)}"
             )
         self.consumed = int(state["consumed"])
+
+
+def _first_bad_json_line(path: Path) -> str | None:
+    """For a JSON Lines file that `datasets` refused: the first line that is not a JSON object (its
+    error names no row)."""
+    if not path.is_file() or not path.name.removesuffix(".gz").endswith(".jsonl"):
+        return None
+    import gzip
+    import json
+
+    with (gzip.open if path.name.endswith(".gz") else open)(path, "rt", encoding="utf-8", errors="replace") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                return f"line {number} is not valid JSON ({err.msg})"
+            if not isinstance(record, dict):
+                return f"line {number} is not a JSON object"
+    return None

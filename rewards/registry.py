@@ -151,12 +151,18 @@ def _load_reference(spec: str) -> RewardInfo:
         module_spec = importlib.util.spec_from_file_location(module_name, path)
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[module_name] = module
-        module_spec.loader.exec_module(module)
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as err:  # the user's plug-in file: any error in it is theirs to fix, in one line
+            sys.modules.pop(module_name, None)
+            raise RewardError(f"reward {spec!r}: {path} failed to load: {type(err).__name__}: {err}") from None
     else:
         try:
             module = importlib.import_module(location)
         except ModuleNotFoundError as err:
             raise RewardError(f"reward {spec!r}: cannot import module {location!r} ({err})") from None
+        except Exception as err:
+            raise RewardError(f"reward {spec!r}: importing {location!r} failed: {type(err).__name__}: {err}") from None
     target = getattr(module, attr, None)
     if target is None or not callable(target):
         raise RewardError(f"reward {spec!r}: {location} has no callable {attr!r}")

@@ -71,3 +71,15 @@ def test_rewards_list_shows_builtins(capsys):
     out = capsys.readouterr().out
     for name in ("accuracy", "format", "code"):
         assert name in out
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("model.path=/no/such/model", "model.path: no such model directory: /no/such/model"),
+    ("data.sources.0.path=/no/such/data.jsonl", "data.sources.0.path: no such file: /no/such/data.jsonl"),
+])
+def test_missing_inputs_are_named_before_a_run_directory_exists(override, expected, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(RECIPES_DIR.parent)
+    code = cli.main(["sft", "recipes/demo/sft.yaml", override, f"run.output_dir={tmp_path}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and err[-1] == f"r1pipe: error: {expected}"
+    assert not any(tmp_path.iterdir())

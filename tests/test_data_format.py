@@ -200,6 +200,10 @@ def test_mixture_weights_and_column_errors(tmp_path):
     missing = DataSection(sources=[SourceSection(path=str(tmp_path / "nope.jsonl"))])
     with pytest.raises(RecipeError, match="data.sources.0.path: cannot load"):
         load_mixture(missing, ("text",), seed=0)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps({"body": "fine"}) + '\n{"body": "cut off\n')
+    with pytest.raises(RecipeError, match=r"data.sources.0.path: cannot load .*broken.jsonl': line 2 is not valid JSON"):
+        load_mixture(DataSection(sources=[SourceSection(path=str(broken))]), ("text",), seed=0)
 
 
 def test_template_errors_name_the_row(tmp_path):

@@ -148,6 +148,10 @@ def test_load_by_file_path_and_module_path(tmp_path, monkeypatch):
     assert load_reward("my_rewards:shouty").options == {"factor": 1.0}
     with pytest.raises(RewardError, match="has no callable 'missing'"):
         load_reward("my_rewards:missing")
+    broken = tmp_path / "broken_rewards.py"
+    broken.write_text("def score(:\n")
+    with pytest.raises(RewardError, match=r"broken_rewards.py failed to load: SyntaxError"):
+        load_reward(f"{broken}:score")
 
 
 def test_entry_point_discovery(tmp_path, monkeypatch):
