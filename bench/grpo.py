@@ -53,7 +53,8 @@ def run_r1pipe(args) -> dict:
     recipe = {
         "stage": "grpo",
         "run": {"name": "bench-r1pipe", "output_dir": str(work / "runs"), "seed": 0, "report_to": []},
-        "model": {"path": args.model, "dtype": "float32"},
+        # gradient checkpointing and fused AdamW on both sides: TRL's GRPOConfig defaults
+        "model": {"path": args.model, "dtype": "float32", "gradient_checkpointing": True},
         "data": {"sources": [{"path": args.data, "columns": {"question": "prompt"}, "max_rows": 256}],
                  "reward_columns": ["answer"], "system_prompt": SYSTEM, "shuffle": False},
         "train": {"max_steps": args.steps, "batch_size": args.prompts * args.group, "micro_batch_size": args.micro,

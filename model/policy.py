@@ -98,12 +98,17 @@ class Policy:
     def token_logprobs_and_aux(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                                position_ids: torch.Tensor | None = None, chunk_size: int = 1024,
                                temperature: float = 1.0, return_entropy: bool = False,
-                               aux_labels: torch.Tensor | None = None):
+                               aux_labels: torch.Tensor | None = None, only: torch.Tensor | None = None):
         """`token_logprobs` -> (logp, entropy or None, aux loss or None, aux metrics): with `aux_labels`, a V3
-        policy's MTP and balance losses come from the same forward (see `hidden_states_and_aux`)."""
+        policy's MTP and balance losses come from the same forward (see `hidden_states_and_aux`).
+
+        `only` (bool [B, T-1]) restricts the vocabulary projection to those positions (GRPO: the
+        completion tokens; prompts are often most of a sequence); they are then chunked `chunk_size`
+        tokens at a time and every other position gets 0."""
         hidden, aux_loss, aux_metrics = self.hidden_states_and_aux(input_ids, attention_mask, position_ids, aux_labels)
-        hidden = hidden[:, :-1]
-        targets = input_ids[:, 1:]
+        hidden, targets = hidden[:, :-1], input_ids[:, 1:]
+        if only is not None:
+            hidden, targets = hidden[only].unsqueeze(0), targets[only].unsqueeze(0)
         head = self.output_head()
         logps, entropies = [], []
         for start in range(0, hidden.shape[1], chunk_size):
@@ -115,8 +120,12 @@ class Policy:
                 logp, entropy = chunk_logprobs(*args)
             logps.append(logp)
             entropies.append(entropy)
+        logp = torch.cat(logps, 1)
         entropy = torch.cat(entropies, 1) if return_entropy else None
-        return torch.cat(logps, 1), entropy, aux_loss, aux_metrics
+        if only is not None:
+            place = lambda values: values.new_zeros(only.shape).masked_scatter(only, values[0])
+            logp, entropy = place(logp), (place(entropy) if entropy is not None else None)
+        return logp, entropy, aux_loss, aux_metrics
 
     def train_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         """Next-token CE on batch["labels"] (-100 ignored; HF convention, shifted inside) plus, for our

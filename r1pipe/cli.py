@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import textwrap
 import typing
@@ -82,27 +81,26 @@ def describe_schema(cls, indent: int = 2) -> str:
     return "\n".join(lines)
 
 
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".gz")
 
 
 def check_local_inputs(cfg) -> None:
     """Before a run directory is made: a model or data path that can only be local must exist.
 
-    Recipes may name hub ids and presets too, and pipelines fill paths in from earlier steps, so this
-    runs on the final config rather than in the schema."""
-    from r1pipe.model.config import preset_names
-
-    def missing(path: str, what: str) -> bool:
-        return not Path(path).exists() and not HUB_ID.fullmatch(path) and path not in what
-
+    Recipes may name hub ids (`name`, `org/name`) and presets too, and pipelines fill paths in from
+    earlier steps, so this runs on the final config rather than in the schema."""
     for section in ("model", "teacher"):
         path = getattr(getattr(cfg, section, None), "path", None)
-        if isinstance(path, str) and missing(path, preset_names()):
+        if isinstance(path, str) and _only_local(path) and not Path(path).exists():
             raise RecipeError(f"{section}.path: no such model directory: {_where(path)}")
     for index, source in enumerate(getattr(getattr(cfg, "data", None), "sources", None) or []):
-        if source.path.endswith(DATA_SUFFIXES) and not Path(source.path).exists():
+        if (_only_local(source.path) or source.path.endswith(DATA_SUFFIXES)) and not Path(source.path).exists():
             raise RecipeError(f"data.sources.{index}.path: no such file: {_where(source.path)}")
+
+
+def _only_local(path: str) -> bool:
+    """Not a hub id: absolute, explicitly relative, or deeper than `org/name`."""
+    return path.startswith(("/", ".", "~")) or path.count("/") >= 2
 
 
 def _where(path: str) -> str:

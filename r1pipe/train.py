@@ -233,7 +233,10 @@ def build_optimizer(module: torch.nn.Module, train: TrainSection) -> torch.optim
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, lr=train.lr, betas=train.adam_betas, eps=train.adam_eps, adamw_mode=True)
-    return torch.optim.AdamW(groups, lr=train.lr, betas=train.adam_betas, eps=train.adam_eps)
+    # The fused kernel updates each parameter in one pass, without the foreach path's temporary copies
+    # of every state (about the size of the parameters), on CPU as on CUDA.
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
+    return torch.optim.AdamW(groups, lr=train.lr, betas=train.adam_betas, eps=train.adam_eps, fused=fused or None)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainSection):

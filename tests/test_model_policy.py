@@ -38,6 +38,26 @@ def test_chunked_logprobs_and_entropy_match_full_logits(policy):
     assert logp.shape == (2, 12)
 
 
+def test_logprobs_of_selected_positions_only(policy):
+    """GRPO projects only completion positions onto the vocabulary: same values and gradients there, 0 elsewhere."""
+    policy.module.eval()
+    ids = torch.randint(0, 512, (2, 13))
+    only = torch.zeros(2, 12, dtype=torch.bool)
+    only[0, 6:], only[1, 9:] = True, True
+    full, full_entropy = policy.token_logprobs(ids, chunk_size=5, return_entropy=True)
+    picked, entropy, _, _ = policy.token_logprobs_and_aux(ids, chunk_size=3, return_entropy=True, only=only)
+    torch.testing.assert_close(picked[only], full[only], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(entropy[only], full_entropy[only], atol=1e-5, rtol=1e-5)
+    assert not picked[~only].any() and not entropy[~only].any()
+    head = policy.output_head()
+    grads = []
+    for logp in (policy.token_logprobs(ids, chunk_size=5), policy.token_logprobs_and_aux(ids, chunk_size=3, only=only)[0]):
+        head.grad = None
+        (logp * only).sum().backward()
+        grads.append(head.grad.clone())
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-4)
+
+
 def test_padding_and_packing_change_nothing(policy):
     policy.module.eval()
     a, b = torch.randint(0, 512, (1, 5)), torch.randint(0, 512, (1, 7))

@@ -88,8 +88,8 @@ class GrpoSection(Section):
     )
     importance_cap: float = Field(2.0, gt=1, description="Cap of the rollout importance weights.")
     logprob_chunk_size: int = Field(
-        256, gt=0, description="Positions per chunk when computing log-probs: at most [micro_batch, chunk, vocab] fp32 "
-        "logits exist at once (never [batch, seq, vocab])."
+        1024, gt=0, description="Completion tokens per chunk when computing log-probs: only completion positions "
+        "are projected onto the vocabulary, at most [chunk, vocab] fp32 logits at once (never [batch, seq, vocab])."
     )
     log_samples: int = Field(2, ge=0, description="Completions per rollout batch written to samples.jsonl.")
 
@@ -260,15 +260,15 @@ def pack_sequences(prompts: list[list[int]], completions, pad_id: int) -> dict[s
 
 def sequence_logprobs(policy, batch: dict, temperature: float, chunk_size: int,
                       aux_labels: torch.Tensor | None = None):
-    """Log-prob and entropy of every token given its prefix under logits / temperature, aligned to
-    input_ids ([B, L]; position 0, which has no prefix, gets 0). The policy computes them in chunks,
-    never a [B, L, V] fp32 tensor. With `aux_labels` a V3 policy also returns its MTP + balance loss
+    """Log-prob and entropy of every completion token given its prefix under logits / temperature,
+    aligned to input_ids ([B, L]; prompt and padding positions get 0). The policy projects only the
+    completion positions onto the vocabulary, in chunks of `chunk_size` tokens: never a [B, L, V] fp32 tensor. With `aux_labels` a V3 policy also returns its MTP + balance loss
     on them (None for dense models) and those metrics: -> (logp, entropy, aux_loss, aux_metrics)."""
     mask = batch["attention_mask"]
     position_ids = (mask.cumsum(1) - 1).clamp(min=0)
     logp, entropy, aux_loss, aux_metrics = policy.token_logprobs_and_aux(
         batch["input_ids"], mask, position_ids, chunk_size=chunk_size, temperature=temperature, return_entropy=True,
-        aux_labels=aux_labels,
+        aux_labels=aux_labels, only=batch["completion_mask"][:, 1:].bool(),
     )
     pad = torch.nn.functional.pad
     return pad(logp, (1, 0)), pad(entropy, (1, 0)), aux_loss, aux_metrics
