@@ -2,7 +2,7 @@
 import json
 from pathlib import Path
 
-from r1pipe.demo.build import build_demo_files
+from r1pipe.demo.build import SIZES, build_demo_files
 
 DEMO = Path(__file__).resolve().parents[1] / "recipes" / "demo"
 
@@ -25,4 +25,4 @@ def test_held_out_prompts_never_appear_in_training_files():
         assert not test & prompts(name)
     pretrain = {json.loads(line)["text"].split("<|assistant|>")[0].removeprefix("<|user|>")
                 for line in (DEMO / "data" / "pretrain.jsonl").open()}
-    assert not test & pretrain and len(pretrain) == 12000
+    assert not test & pretrain and len(pretrain) == SIZES["pretrain"]

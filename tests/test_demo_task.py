@@ -15,13 +15,14 @@ def test_examples_are_deterministic_and_correct():
     assert len({r["problem"] for r in rows}) == 200
     for row in rows:
         assert row["solution"].endswith(f"\\boxed{{{row['answer']}}}")
-        # Replaying the worked lines reproduces each step's arithmetic.
+        # Replaying the worked lines reproduces each step: restated operation, signed result, reduction.
         for line in row["solution"].split("\n")[1:-2]:
-            label, step = line.split(": ")
-            left, result = step.split("=")
-            op = next(ch for ch in "+-*" if ch in left[1:])
-            a, b = left.rsplit(op, 1)
-            assert apply_step(int(a), op, int(b)) == int(result)
+            restated, work = line.split(": ")
+            left, signed = work.split("=")[:2]
+            value, operand = int(left[0]), int(left[1:])
+            assert restated[1:] == left[1:] and int(signed.removesuffix("+10").removesuffix("-10")) == value + operand
+            op = "+" if operand > 0 else "-"
+            assert apply_step(value, op, abs(operand)) == int(work.split("=")[-1])
 
 
 def test_held_out_split_is_disjoint():
@@ -35,11 +36,12 @@ def test_bug_rate_corrupts_only_wrapping_subtractions():
     import random
 
     problem = Problem(start=3, steps=(("-", 7), ("+", 2)))
-    assert work_steps(problem) == ["a: 3-7=6", "b: 6+2=8"]
-    assert work_steps(problem, bug_rate=1.0, rng=random.Random(0)) == ["a: 3-7=4", "b: 4+2=6"]
+    assert work_steps(problem) == ["a-7: 3-7=-4+10=6", "b+2: 6+2=8"]
+    assert work_steps(problem, bug_rate=1.0, rng=random.Random(0)) == ["a-7: 3-7=4", "b+2: 4+2=6"]
+    assert work_steps(Problem(start=8, steps=(("+", 5),))) == ["a+5: 8+5=13-10=3"]
     assert problem.text == "Mod 10: 3 a-7 b+2"
     assert solve(problem) == 8
-    rows = generate_examples(500, seed=0, style="terse", bug_rate=0.5)
+    rows = generate_examples(500, seed=0, style="plain", bug_rate=0.5)
     wrong = [r for r in rows if not r["solution"].endswith(f"\\boxed{{{r['answer']}}}")]
     assert 0.05 < len(wrong) / len(rows) < 0.6
     assert all("-" in r["problem"] for r in wrong)
@@ -64,7 +66,7 @@ def test_tokenizer_round_trip_and_chat_template(tmp_path):
     # Think tags and \boxed{ survive skip_special_tokens (the rewards read them).
     completion = tokenizer.decode(ids, skip_special_tokens=True)
     assert completion == row["problem"] + row["solution"]
-    for word in ("<think>", "</think>", "\\boxed{"):
+    for word in ("<think>", "</think>", "\\boxed{", "+5", "-3"):
         assert len(tokenizer(word, add_special_tokens=False)["input_ids"]) == 1
     prompt = tokenizer.apply_chat_template(chat[:1], tokenize=False, add_generation_prompt=True)
     assert prompt.endswith("<|assistant|>")

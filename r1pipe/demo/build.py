@@ -10,7 +10,7 @@ everything else.
     tokenizer/          the character tokenizer with the R1 chat template
     models/base-init/      freshly initialised tiny V3 (MLA with V3's real head dims, MoE, MTP)
     models/student-init/   freshly initialised tiny dense Qwen2 student
-    data/pretrain.jsonl    {text}: noisy corpus (terse worked solutions, subtraction bug) for the base
+    data/pretrain.jsonl    {text}: noisy corpus (worked solutions, 1 in 4 think-tagged, subtraction bug)
     data/cold_start.jsonl  {prompt, completion, answer}: clean long-CoT think-format examples
     data/rl.jsonl          {prompt, answer}: GRPO prompts
     data/distill.jsonl     {prompt, answer}: prompts the teacher answers for the student
@@ -25,14 +25,15 @@ from pathlib import Path
 from r1pipe.demo.task import generate_examples
 from r1pipe.demo.tokenizer import EOS, build_tokenizer
 
-SIZES = {"pretrain": 12000, "cold_start": 400, "rl": 2000, "distill": 1500, "test": 200}
+SIZES = {"pretrain": 18000, "cold_start": 400, "rl": 2000, "distill": 1500, "test": 200}
 PRETRAIN_BUG_RATE = 0.5
+PRETRAIN_THINK_EVERY = 4  # every 4th pretraining document is already think-tagged, as some web text is
 SEED = 0
-VOCAB_SIZE = 128  # the tokenizer's ~105 tokens, rounded up
+VOCAB_SIZE = 128  # the tokenizer's 123 tokens, rounded up
 BASE_CONFIG = dict(  # changes to the tiny-v3 preset
     vocab_size=VOCAB_SIZE, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
-    num_attention_heads=2, num_key_value_heads=2, q_lora_rank=64, n_routed_experts=4, num_experts_per_tok=2,
-    n_group=1, topk_group=1, max_position_embeddings=512,
+    num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2, q_lora_rank=64, n_routed_experts=4,
+    num_experts_per_tok=2, n_group=1, topk_group=1, max_position_embeddings=512,
 )
 STUDENT_CONFIG = dict(
     vocab_size=VOCAB_SIZE, hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
@@ -74,7 +75,9 @@ def build_demo_files(
     tokenizer = build_tokenizer(out_dir / "tokenizer")
     # Every train-split file draws from one stream, so no prompt appears in two of them.
     counts = [sizes[name] for name in ("pretrain", "cold_start", "rl", "distill")]
-    rows = generate_examples(sum(counts), seed, "train", style="terse", bug_rate=PRETRAIN_BUG_RATE)
+    plain = generate_examples(sum(counts), seed, "train", style="plain", bug_rate=PRETRAIN_BUG_RATE)
+    tagged = generate_examples(sum(counts), seed, "train", style="think", bug_rate=PRETRAIN_BUG_RATE)
+    rows = [tagged[i] if i % PRETRAIN_THINK_EVERY == 0 else row for i, row in enumerate(plain)]
     clean = generate_examples(sum(counts), seed, "train", style="think")
     bounds = [sum(counts[:i]) for i in range(len(counts) + 1)]
     pretrain, cold_start, rl, distill = (slice(bounds[i], bounds[i + 1]) for i in range(len(counts)))

@@ -1,17 +1,30 @@
 """The demo's synthetic reasoning task: digit-chain arithmetic modulo 10.
 
 A problem is a start digit and a chain of 2-5 labelled operations (``+d``, ``-d``), applied left to
-right modulo 10: ``Mod 10: 7 a+5 b-3 c-4``. The worked solution does one operation per line
-(``a: 7+5=2``, ``b: 2-3=9``, ``c: 9-4=5``) and ends with ``\\boxed{5}``. Every step is one of 180
-single-digit facts, and the labels make each line's operation a lookup by content (the next label)
-rather than by counting lines, so a tiny transformer learns the task in minutes; the chance of a
-whole chain being right still falls with its length, which leaves room for RL.
+right modulo 10: ``Mod 10: 7 a+5 b-3 c-4``. The worked solution does one operation per line and
+makes every line locally computable, so a tiny transformer learns the task in minutes:
+
+    a+5: 7+5=12-10=2
+    b-3: 2-3=-1+10=9
+    c-4: 9-4=5
+
+- the line restates its operation (``a+5``: a copy of what follows the label in the prompt) and
+  the previous value (``7``), so no token needs anything but a label lookup and nearby tokens;
+- the first result is the plain signed sum (``12``, ``-1``): unlike the digit modulo 10 it is an
+  additive function of the two inputs, which a small model learns quickly -- raw mod-10 facts
+  (``7+5=2``) stay at chance for thousands of steps, because neither input alone tells anything
+  about the result;
+- the reduction (``-10=2``, ``+10=9``) then depends on that one signed number only.
+
+Signed operands (``+5``, ``-3``) are single tokens of the demo tokenizer (as numbers are in a BPE
+vocabulary), so ``-1`` is both "minus one" in a chain and a negative intermediate result.
 
 The pretraining corpus imitates noisy web text: in a fraction ``bug_rate`` of the subtractions
 that wrap around zero (``3-7``), the worked solution uses the classic "smaller-from-larger"
-subtraction bug (``3-7=4`` instead of ``6``) and carries the wrong value on, so the corpus answer is
-wrong. A base model pretrained on it is partly right on exactly those steps; sampling several
-answers sometimes finds the right one, and a correctness reward can tell them apart.
+subtraction bug (``3-7=4`` instead of ``3-7=-4+10=6``) and carries the wrong value on, so the
+corpus answer is wrong. A base model pretrained on it is partly right on exactly those steps;
+sampling several answers sometimes finds the right one, and a correctness reward can tell them
+apart.
 
 Splits are fixed by a hash of the problem text (1 in 10 problems is ``test``), so the held-out
 split never shares a problem with ``train`` whatever the seed or count.
@@ -26,7 +39,7 @@ from typing import Literal
 from r1pipe.demo.tokenizer import THINK_END, THINK_START
 
 Split = Literal["train", "test"]
-Style = Literal["think", "terse"]
+Style = Literal["think", "plain"]
 
 MIN_STEPS, MAX_STEPS = 2, 5
 OPERATORS = ("+", "-")
@@ -57,22 +70,32 @@ def apply_step(value: int, op: str, operand: int, buggy: bool = False) -> int:
     """One step modulo 10; ``buggy`` subtraction takes the smaller digit from the larger."""
     if op == "+":
         return (value + operand) % 10
-    if op == "*":
-        return (value * operand) % 10
     if op == "-":
         return abs(value - operand) if buggy else (value - operand) % 10
     raise ValueError(f"unknown operator {op!r}; expected one of {OPERATORS}")
 
 
+def step_line(label: str, value: int, op: str, operand: int, buggy: bool = False) -> str:
+    """``a+5: 7+5=12-10=2``: the restated operation, the signed result, then its reduction modulo 10."""
+    head = f"{label}{op}{operand}: {value}{op}{operand}="
+    if buggy:
+        return head + str(apply_step(value, op, operand, buggy=True))
+    signed = value + operand if op == "+" else value - operand
+    if signed < 0:
+        return f"{head}{signed}+10={signed + 10}"
+    if signed > 9:
+        return f"{head}{signed}-10={signed - 10}"
+    return f"{head}{signed}"
+
+
 def work_steps(problem: Problem, bug_rate: float = 0.0, rng: random.Random | None = None) -> list[str]:
-    """The worked step lines ``<label>: x<op>d=y``; wrap-around subtractions are buggy with ``bug_rate``."""
+    """The worked step lines (see `step_line`); wrap-around subtractions are buggy with ``bug_rate``."""
     lines, value = [], problem.start
     for op, operand in problem.steps:
         wraps = op == "-" and operand > value
         buggy = wraps and bug_rate > 0 and rng is not None and rng.random() < bug_rate
-        result = apply_step(value, op, operand, buggy)
-        lines.append(f"{STEP_LABELS[len(lines)]}: {value}{op}{operand}={result}")
-        value = result
+        lines.append(step_line(STEP_LABELS[len(lines)], value, op, operand, buggy))
+        value = apply_step(value, op, operand, buggy)
     return lines
 
 
@@ -85,12 +108,15 @@ def solve(problem: Problem) -> int:
 
 
 def format_solution(lines: list[str], style: Style) -> str:
-    """Assistant text: R1 think format (one step a line) or the terse pretraining format."""
+    """Assistant text: R1 think format, or the plain pretraining format (the same lines, no think tags).
+
+    Both put one step a line, so the token offsets the base model learns carry over to the think format.
+    """
     answer = lines[-1].split("=")[-1]
+    body = "\n".join(lines)
     if style == "think":
-        body = "\n".join(lines)
         return f"{THINK_START}\n{body}\n{THINK_END}\n\\boxed{{{answer}}}"
-    return f"{', '.join(lines)}. \\boxed{{{answer}}}"
+    return f"{body}\n\\boxed{{{answer}}}"
 
 
 def _random_problem(rng: random.Random) -> Problem:
@@ -110,8 +136,8 @@ def generate_examples(
     """
     if split not in ("train", "test"):
         raise ValueError(f"split: expected 'train' or 'test', got {split!r}")
-    if style not in ("think", "terse"):
-        raise ValueError(f"style: expected 'think' or 'terse', got {style!r}")
+    if style not in ("think", "plain"):
+        raise ValueError(f"style: expected 'think' or 'plain', got {style!r}")
     if not 0.0 <= bug_rate <= 1.0:
         raise ValueError(f"bug_rate: expected a value in [0, 1], got {bug_rate}")
     rng = random.Random(f"{seed}:{split}")

@@ -8,7 +8,9 @@ over single characters (one pre-tokenizer split per character), wrapped as a Hug
 
 ``<think>``, ``</think>`` and ``\\boxed{`` are single added tokens that are *not* special, so
 decoding with ``skip_special_tokens=True`` keeps the think block and the boxed answer for the
-rewards.
+rewards. So are the signed digits ``+1``..``+9`` and ``-1``..``-9`` (as numbers are in a BPE
+vocabulary): a step's operand is one token, which makes the task's signed intermediate result an
+additive function of two tokens (see r1pipe.demo.task).
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ PAD, UNK, EOS = "<|pad|>", "<|unk|>", "<|end|>"
 SYSTEM, USER, ASSISTANT = "<|system|>", "<|user|>", "<|assistant|>"
 THINK_START, THINK_END, BOXED = "<think>", "</think>", "\\boxed{"
 SPECIAL_TOKENS = (PAD, UNK, EOS, SYSTEM, USER, ASSISTANT)
-WORD_TOKENS = (THINK_START, THINK_END, BOXED)
+SIGNED_DIGITS = tuple(f"{sign}{digit}" for sign in "+-" for digit in range(1, 10))
+WORD_TOKENS = (THINK_START, THINK_END, BOXED, *SIGNED_DIGITS)
 CHARACTERS = "\n" + "".join(c for c in string.printable if c.isprintable())
 MODEL_MAX_LENGTH = 512
 
