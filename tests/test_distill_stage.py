@@ -55,7 +55,7 @@ def _config(tmp_path, paths, **sampling):
         "run": {"name": "distill", "output_dir": str(tmp_path / "runs")},
         "teacher": {"path": str(paths["tokenizer"]), "tokenizer": str(paths["tokenizer"])},
         "data": {"sources": [{"path": str(paths["distill"])}], "reward_columns": ["answer"]},
-        "sampling": {"n": 5, "max_tokens": 64, "prompts_per_chunk": 4, **sampling},
+        "sampling": {"n": 5, "max_tokens": 96, "prompts_per_chunk": 4, **sampling},
         "rollout": {"engine": "native"},
         "rewards": [{"name": "accuracy"}, {"name": "format", "weight": 0.5}],
     }
