@@ -22,11 +22,12 @@ def toy_digits(prompt, completion, *, completion_ids=None):
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
     directory = tmp_path_factory.mktemp("tiny-qwen2")
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=105, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    vocab = len(AutoTokenizer.from_pretrained(TOKENIZER))  # the demo tokenizer's size follows its task
+    config = Qwen2Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
                          tie_word_embeddings=True, pad_token_id=0, eos_token_id=2)
     Qwen2ForCausalLM(config).save_pretrained(directory)
