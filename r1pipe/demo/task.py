@@ -12,8 +12,8 @@ makes every line locally computable, so a tiny transformer learns the task in mi
   the previous value (``7``), so no token needs anything but a label lookup and nearby tokens;
 - the first result is the plain signed sum (``12``, ``-1``): unlike the digit modulo 10 it is an
   additive function of the two inputs, which a small model learns quickly -- raw mod-10 facts
-  (``7+5=2``) stay at chance for thousands of steps, because neither input alone tells anything
-  about the result;
+  (``7+5=2``) stayed at chance for hundreds of steps (docs/DEMO.md), because neither input alone
+  tells anything about the result;
 - the reduction (``-10=2``, ``+10=9``) then depends on that one signed number only.
 
 Signed operands (``+5``, ``-3``) are single tokens of the demo tokenizer (as numbers are in a BPE
