@@ -25,7 +25,7 @@ from pathlib import Path
 from r1pipe.demo.task import generate_examples
 from r1pipe.demo.tokenizer import EOS, build_tokenizer
 
-SIZES = {"pretrain": 18000, "cold_start": 400, "rl": 2000, "distill": 1500, "test": 200}
+SIZES = {"pretrain": 18000, "cold_start": 400, "rl": 2000, "distill": 4000, "test": 200}
 PRETRAIN_BUG_RATE = 0.5
 PRETRAIN_THINK_EVERY = 4  # every 4th pretraining document is already think-tagged, as some web text is
 SEED = 0
