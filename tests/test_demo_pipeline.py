@@ -7,7 +7,7 @@ import pytest
 
 SMALL = [
     "base.train.max_steps=30", "base.train.warmup_steps=5", "base.train.save_every=0",
-    "cold_start.train.max_steps=10", "rl.train.max_steps=2", "rl.train.save_every=0",
+    "cold_start.train.max_steps=4", "rl.train.max_steps=2", "rl.train.warmup_steps=0", "rl.train.save_every=0",
     "distill.data.sources.0.max_rows=40", "distill.sampling.prompts_per_chunk=20",
     # an undertrained teacher is rarely right: keep everything so the student step has data
     "distill.keep.min_reward={accuracy: 0.0}", "distill.filters.require_think=false",
