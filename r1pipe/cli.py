@@ -81,20 +81,19 @@ def describe_schema(cls, indent: int = 2) -> str:
     return "\n".join(lines)
 
 
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".gz")
-
-
 def check_local_inputs(cfg) -> None:
     """Before a run directory is made: a model or data path that can only be local must exist.
 
     Recipes may name hub ids (`name`, `org/name`) and presets too, and pipelines fill paths in from
     earlier steps, so this runs on the final config rather than in the schema."""
+    from r1pipe.data import DATA_FILE_SUFFIXES
+
     for section in ("model", "teacher"):
         path = getattr(getattr(cfg, section, None), "path", None)
         if isinstance(path, str) and _only_local(path) and not Path(path).exists():
             raise RecipeError(f"{section}.path: no such model directory: {_where(path)}")
     for index, source in enumerate(getattr(getattr(cfg, "data", None), "sources", None) or []):
-        if (_only_local(source.path) or source.path.endswith(DATA_SUFFIXES)) and not Path(source.path).exists():
+        if (_only_local(source.path) or source.path.endswith(DATA_FILE_SUFFIXES)) and not Path(source.path).exists():
             raise RecipeError(f"data.sources.{index}.path: no such file: {_where(source.path)}")
 
 

@@ -32,6 +32,7 @@ THINK_START, THINK_END = "<think>", "</think>"
 TEXT_FIELDS = ("text",)
 CHAT_FIELDS = ("messages", "prompt", "completion", "reasoning", "system")
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
+DATA_FILE_SUFFIXES = (*_FILE_BUILDERS, ".gz")  # what names a local data file (also gzipped)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -235,8 +235,8 @@ def build_optimizer(module: torch.nn.Module, train: TrainSection) -> torch.optim
         return DeepSpeedCPUAdam(groups, lr=train.lr, betas=train.adam_betas, eps=train.adam_eps, adamw_mode=True)
     # The fused kernel updates each parameter in one pass, without the foreach path's temporary copies
     # of every state (about the size of the parameters), on CPU as on CUDA.
-    fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
-    return torch.optim.AdamW(groups, lr=train.lr, betas=train.adam_betas, eps=train.adam_eps, fused=fused or None)
+    fused = all(p.device.type in ("cpu", "cuda") for p in params) or None
+    return torch.optim.AdamW(groups, lr=train.lr, betas=train.adam_betas, eps=train.adam_eps, fused=fused)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainSection):

@@ -14,7 +14,8 @@ from pydantic import Field, model_validator
 from r1pipe.config import RecipeError, Section
 from r1pipe.rollout.base import Completion, RolloutEngine, SamplingSettings
 
-__all__ = ["Completion", "RolloutEngine", "RolloutSection", "SamplingSettings", "build_engine", "build_frozen_engine", "stop_token_ids"]
+__all__ = ["Completion", "RolloutEngine", "RolloutSection", "SamplingSettings", "build_engine", "build_frozen_engine",
+           "stop_token_ids"]
 
 
 class RolloutSection(Section):
@@ -108,10 +109,10 @@ def build_frozen_engine(section: RolloutSection, path: str | Path, dtype: str, k
 
 
 def stop_token_ids(tokenizer) -> set[int]:
-    """EOS of the tokenizer and of the model's generation config (chat models end turns with their own token)."""
+    """The tokenizer's EOS plus the end-of-turn tokens of the common chat formats it knows (Qwen, Llama 3, DeepSeek)."""
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     for token in ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<｜end▁of▁sentence｜>"):
         token_id = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id and token_id is not None:
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
             ids.add(token_id)
     return ids

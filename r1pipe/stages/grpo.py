@@ -262,8 +262,9 @@ def sequence_logprobs(policy, batch: dict, temperature: float, chunk_size: int,
                       aux_labels: torch.Tensor | None = None):
     """Log-prob and entropy of every completion token given its prefix under logits / temperature,
     aligned to input_ids ([B, L]; prompt and padding positions get 0). The policy projects only the
-    completion positions onto the vocabulary, in chunks of `chunk_size` tokens: never a [B, L, V] fp32 tensor. With `aux_labels` a V3 policy also returns its MTP + balance loss
-    on them (None for dense models) and those metrics: -> (logp, entropy, aux_loss, aux_metrics)."""
+    completion positions onto the vocabulary, in chunks of `chunk_size` tokens: never a [B, L, V] fp32
+    tensor. With `aux_labels` a V3 policy also returns its MTP + balance loss on them (None for dense
+    models) and those metrics: -> (logp, entropy, aux_loss, aux_metrics)."""
     mask = batch["attention_mask"]
     position_ids = (mask.cumsum(1) - 1).clamp(min=0)
     logp, entropy, aux_loss, aux_metrics = policy.token_logprobs_and_aux(
@@ -472,9 +473,9 @@ class GrpoRun:
         g, batch, totals = self.g, self.batch, self._totals
         mask = micro["completion_mask"]
         # V3 policies keep training their MTP module (on the completions) and the balance loss, as in every stage
-        completion_labels = micro["input_ids"].masked_fill(mask == 0, -100)
+        aux_labels = micro["input_ids"].masked_fill(mask == 0, -100) if policy.is_deepseek else None
         logp, entropy, aux_loss, aux_metrics = sequence_logprobs(policy, micro, g.temperature, g.logprob_chunk_size,
-                                                                 aux_labels=completion_labels)
+                                                                 aux_labels=aux_labels)
         stored = batch.old_logp[micro["index"]]
         old_logp = logp.detach() if stored is None else stored.to(logp.device)
         if stored is None and g.mu > 1:
