@@ -1,11 +1,15 @@
 """Benchmark the FP8 kernels on a CUDA GPU against cuBLAS; prints one table.
 
-    python bench/kernels.py [--json results.json] [--quick]
+    python bench/kernels.py [--json results.json] [--quick] [--tma-configs] [--l2-hot] [--eager]
 
 Kernel times are medians of CUDA-graph replays (`triton.testing.do_bench_cudagraph`), so Python
 launch overhead is left out (as in a graph-captured decode step); `--eager` times plain launches
-instead. Inputs are random (never zeros); the weights of the M=64/128 rows fit in L2, for every
-contender alike. Results and the targets of issue 4 are recorded in docs/PERFORMANCE.md (section 2).
+instead. Inputs are random (never zeros). The L2 is cold for every contender alike: each replay
+runs the op over enough copies of its inputs (4x the L2 size together) that no operand is still
+cached from the previous call, as in a model whose layers each bring their own weights;
+`--l2-hot` reuses one set of inputs (weights of the M=64/128 rows then stay in the 50 MB L2).
+`--tma-configs` also times every tile configuration of the Triton TMA GEMM on its own. Results and
+the targets of issue 4 are recorded in docs/PERFORMANCE.md (section 2).
 """
 import argparse
 import json
@@ -17,19 +21,34 @@ from r1pipe.kernels import FP8Linear, act_quant, fp8_gemm, fp8_grouped_gemm, wei
 from r1pipe.kernels import reference as ref
 from r1pipe.kernels import triton_fp8
 from r1pipe.kernels.fp8 import _cublas_blockwise_gemm
+from r1pipe.kernels.reference import cdiv
 
 H100_SXM_PEAK_TFLOPS = {"fp8": 1979.0, "bf16": 989.0}  # dense, datasheet
 GEMM_SHAPES = [(7168, 2048), (2112, 7168), (24576, 1536), (7168, 16384), (4096, 7168)]
 
 
 EAGER = False
+L2_HOT = False
 
 
-def median_ms(fn) -> float:
-    fn()  # compile and autotune outside the graph
+def median_ms(fn, *inputs: torch.Tensor) -> float:
+    """Median time of one fn(*inputs); with a cold L2 each replay cycles through copies of the inputs."""
+    calls = [inputs]
+    if not L2_HOT and inputs:
+        cold_bytes = 4 * torch.cuda.get_device_properties(0).L2_cache_size
+        copies = min(64, cdiv(cold_bytes, sum(t.nbytes for t in inputs)))
+        calls += [tuple(t.clone() for t in inputs) for _ in range(copies - 1)]  # clone keeps strides
+
+    def run():
+        for args in calls:
+            fn(*args)
+
+    run()  # compile and autotune outside the graph
     if EAGER:
-        return do_bench(fn, warmup=25, rep=100, return_mode="median")
-    return do_bench_cudagraph(fn, rep=50, return_mode="median")
+        ms = do_bench(run, warmup=25, rep=100, return_mode="median")
+    else:
+        ms = do_bench_cudagraph(run, rep=50, return_mode="median")
+    return ms / len(calls)
 
 
 def tflops(m: int, n: int, k: int, ms: float) -> float:
@@ -47,7 +66,7 @@ def device_ceilings() -> dict:
     copy_gbs = 2 * src.numel() * 2 / copy_ms / 1e6
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    bf16_peak = tflops(8192, 8192, 8192, median_ms(lambda: a @ b))
+    bf16_peak = tflops(8192, 8192, 8192, median_ms(torch.matmul, a, b))
     props = torch.cuda.get_device_properties(0)
     return {"device": props.name, "sms": props.multi_processor_count, "copy_gbs": copy_gbs,
             "bf16_8192_tflops": bf16_peak, "torch": torch.__version__}
@@ -58,51 +77,85 @@ def bench_quant(copy_gbs: float) -> list[dict]:
     for m, k in ((4096, 7168), (16384, 7168)):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         for pow2 in (False, True):
-            ms = median_ms(lambda: act_quant(x, pow2_scale=pow2))  # noqa: B023
+            ms = median_ms(lambda t: act_quant(t, pow2_scale=pow2), x)  # noqa: B023
             gbs = (m * k * 3 + m * (k // 128) * 4) / ms / 1e6
             rows.append({"op": f"act_quant{' pow2' if pow2 else ''}", "shape": f"{m}x{k} bf16", "ms": ms,
                          "gbs": gbs, "of_copy": gbs / copy_gbs})
     for n, k in ((7168, 16384), (24576, 1536)):
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-        ms = median_ms(lambda: weight_quant(w))  # noqa: B023
+        ms = median_ms(weight_quant, w)
         gbs = (n * k * 3) / ms / 1e6
         rows.append({"op": "weight_quant", "shape": f"{n}x{k} bf16", "ms": ms, "gbs": gbs, "of_copy": gbs / copy_gbs})
         q, s = weight_quant(w)
-        ms = median_ms(lambda: weight_dequant(q, s))  # noqa: B023
+        ms = median_ms(weight_dequant, q, s)
         gbs = (n * k * 3) / ms / 1e6
         rows.append({"op": "weight_dequant", "shape": f"{n}x{k} -> bf16", "ms": ms, "gbs": gbs,
                      "of_copy": gbs / copy_gbs})
     return rows
 
 
+def _gemm_operands(m: int, n: int, k: int):
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    return x, w, *act_quant(x), *weight_quant(w)
+
+
 def bench_gemm(ms_list=(64, 128, 4096)) -> list[dict]:
     rows = []
     for n, k in GEMM_SHAPES:
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-        wq, ws = weight_quant(w)
-        w_row_q, w_row_s = act_quant(w)  # row-wise scales for torch._scaled_mm's reference point
-        w_row_s = w_row_s.amax(-1, keepdim=True).t().contiguous()
         for m in ms_list:
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            aq, as_ = act_quant(x)
+            x, w, aq, as_, wq, ws = _gemm_operands(m, n, k)
+            w_row_q, w_row_s = act_quant(w)  # row-wise scales for torch._scaled_mm's reference point
+            w_row_s = w_row_s.amax(-1, keepdim=True).t().contiguous()
             a_row_s = as_.amax(-1, keepdim=True)
             row = {"m": m, "n": n, "k": k}
-            row["bf16"] = tflops(m, n, k, median_ms(lambda: x @ w.t()))  # noqa: B023
+            row["bf16"] = tflops(m, n, k, median_ms(lambda x, w: x @ w.t(), x, w))
             row["scaled_mm_rowwise"] = tflops(m, n, k, median_ms(
-                lambda: torch._scaled_mm(aq, w_row_q.t(), a_row_s, w_row_s, out_dtype=torch.bfloat16)))  # noqa: B023
+                lambda *ops: torch._scaled_mm(*ops, out_dtype=torch.bfloat16), aq, w_row_q.t(), a_row_s, w_row_s))
             expected = ref.fp8_gemm_ref(aq, as_, wq, ws, torch.float32)
-            contenders = {"cublas_blockwise": lambda: _cublas_blockwise_gemm(aq, as_, wq, ws, torch.bfloat16),  # noqa: B023
-                          "triton": lambda: triton_fp8.fp8_gemm(aq, as_, wq, ws, torch.bfloat16),  # noqa: B023
-                          "ours": lambda: fp8_gemm(aq, as_, wq, ws)}  # noqa: B023
+            contenders = {"cublas_blockwise": lambda *ops: _cublas_blockwise_gemm(*ops, torch.bfloat16),
+                          "triton": lambda *ops: triton_fp8.fp8_gemm(*ops, torch.bfloat16),
+                          "ours": fp8_gemm}
             for name, fn in contenders.items():
                 try:
-                    row[f"{name}_err"] = rel_err(fn(), expected)
-                    row[name] = tflops(m, n, k, median_ms(fn))
+                    row[f"{name}_err"] = rel_err(fn(aq, as_, wq, ws), expected)
+                    row[name] = tflops(m, n, k, median_ms(fn, aq, as_, wq, ws))
                 except (RuntimeError, AttributeError, TypeError) as err:
                     row[name], row[f"{name}_err"] = None, str(err).splitlines()[0][:120]
             row["ours_with_act_quant"] = tflops(m, n, k, median_ms(
-                lambda: fp8_gemm(*act_quant(x), wq, ws)))  # noqa: B023
+                lambda x, wq, ws: fp8_gemm(*act_quant(x), wq, ws), x, wq, ws))
             rows.append(row)
+    return rows
+
+
+def bench_tma_configs(ms_list=(64, 128, 4096)) -> list[dict]:
+    """Every tile configuration of the Triton TMA GEMM on its own (the autotuner picks among them)."""
+    kernel = triton_fp8._fp8_gemm_tma_kernel
+    configs = kernel.configs
+    rows = []
+    try:
+        for n, k in GEMM_SHAPES:
+            for m in ms_list:
+                _, _, aq, as_, wq, ws = _gemm_operands(m, n, k)
+                expected = ref.fp8_gemm_ref(aq, as_, wq, ws, torch.float32)
+                row = {"m": m, "n": n, "k": k}
+                for config in configs:
+                    kernel.configs, name = [config], str(config).split(", maxnreg")[0]
+                    kernel.cache.clear()
+
+                    def run(a, a_s, b, b_s):
+                        out = torch.empty(a.shape[0], b.shape[0], dtype=torch.bfloat16, device=a.device)
+                        triton_fp8._fp8_gemm_tma(a, a_s, b, b_s, out)
+                        return out
+                    try:
+                        err = rel_err(run(aq, as_, wq, ws), expected)
+                        row[name] = (tflops(m, n, k, median_ms(run, aq, as_, wq, ws)), err)
+                    except Exception as error:  # noqa: BLE001 -- e.g. out of shared memory for this tile
+                        row[name] = (None, str(error).splitlines()[0][:80])
+                rows.append(row)
+    finally:
+        kernel.configs = configs
+        kernel.cache.clear()
     return rows
 
 
@@ -151,9 +204,9 @@ def bench_grouped(tokens: int = 4096, experts: int = 256, topk: int = 8) -> list
         aq, as_ = act_quant(x)
         out = fp8_grouped_gemm(aq, as_, wq, ws, offsets)
         err = rel_err(out, ref.fp8_grouped_gemm_ref(aq, as_, wq, ws, offsets, torch.float32))
-        bf16_ms = median_ms(lambda: torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets))  # noqa: B023
-        ours_ms = median_ms(lambda: fp8_grouped_gemm(aq, as_, wq, ws, offsets))  # noqa: B023
-        e2e_ms = median_ms(lambda: fp8_grouped_gemm(*act_quant(x), wq, ws, offsets))  # noqa: B023
+        bf16_ms = median_ms(lambda x, w: torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets), x, w)  # noqa: B023
+        ours_ms = median_ms(lambda *ops: fp8_grouped_gemm(*ops, offsets), aq, as_, wq, ws)  # noqa: B023
+        e2e_ms = median_ms(lambda x, wq, ws: fp8_grouped_gemm(*act_quant(x), wq, ws, offsets), x, wq, ws)  # noqa: B023
         rows.append({"gemm": name, "m": m, "n": n, "k": k, "err": err,
                      "bf16_grouped_mm": tflops(m, n, k, bf16_ms), "ours": tflops(m, n, k, ours_ms),
                      "ours_with_act_quant": tflops(m, n, k, e2e_ms), "speedup": bf16_ms / ours_ms})
@@ -162,7 +215,7 @@ def bench_grouped(tokens: int = 4096, experts: int = 256, topk: int = 8) -> list
 
 def print_tables(result: dict) -> None:
     c = result["ceilings"]
-    print(f"\n{'eager launches' if result['eager'] else 'CUDA-graph replays'}; "
+    print(f"\n{'eager launches' if result['eager'] else 'CUDA-graph replays'}, L2 {'hot' if result['l2_hot'] else 'cold'}; "
           f"{c['device']} ({c['sms']} SMs), torch {c['torch']}: copy {c['copy_gbs']:.0f} GB/s, "
           f"bf16 8192^3 {c['bf16_8192_tflops']:.0f} TFLOP/s; FP8 peak (H100 SXM dense) "
           f"{H100_SXM_PEAK_TFLOPS['fp8']:.0f} TFLOP/s")
@@ -187,26 +240,43 @@ def print_tables(result: dict) -> None:
               f"{r['ours'] / H100_SXM_PEAK_TFLOPS['fp8']:.0%} | {r['err']:.1e} |")
 
 
+def print_tma_configs(rows: list[dict]) -> None:
+    names = [key for key in rows[0] if key not in ("m", "n", "k")]
+    print("\nTriton TMA GEMM per configuration (TFLOP/s):")
+    for i, name in enumerate(names):
+        print(f"  c{i}: {name}")
+    print("| M | N | K | " + " | ".join(f"c{i}" for i in range(len(names))) + " |\n" + "|---" * (3 + len(names)) + "|")
+    for r in rows:
+        cells = [f"{r[name][0]:.0f}" if r[name][0] else "fail" for name in names]
+        print(f"| {r['m']} | {r['n']} | {r['k']} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="also write the raw numbers here")
     parser.add_argument("--quick", action="store_true", help="only M=4096 for the dense GEMMs")
     parser.add_argument("--eager", action="store_true", help="time plain launches instead of graph replays")
+    parser.add_argument("--l2-hot", action="store_true", help="reuse one set of inputs (operands may stay in L2)")
+    parser.add_argument("--tma-configs", action="store_true", help="also time each Triton TMA tile configuration")
     args = parser.parse_args()
-    global EAGER
-    EAGER = args.eager
+    global EAGER, L2_HOT
+    EAGER, L2_HOT = args.eager, args.l2_hot
     if not torch.cuda.is_available():
         raise SystemExit("bench/kernels.py needs a CUDA GPU")
     torch.manual_seed(0)
     ceilings = device_ceilings()
-    result = {"eager": EAGER, "ceilings": ceilings, "quant": bench_quant(ceilings["copy_gbs"]),
+    result = {"eager": EAGER, "l2_hot": L2_HOT, "ceilings": ceilings, "quant": bench_quant(ceilings["copy_gbs"]),
               "gemm": bench_gemm((4096,) if args.quick else (64, 128, 4096)), "grouped": bench_grouped(),
               "linear": bench_linear()}
+    if args.tma_configs:
+        result["tma_configs"] = bench_tma_configs((4096,) if args.quick else (64, 128, 4096))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
     print(f"FP8Linear fwd+bwd, 4096 tokens, 7168->2048, 10 steps:\n{profile_linear()}")
     print_tables(result)
+    if args.tma_configs:
+        print_tma_configs(result["tma_configs"])
 
 
 if __name__ == "__main__":

@@ -11,11 +11,15 @@ Numerics match the PyTorch references bit for bit: scales are amax * fp32(1/448)
 divided by them with IEEE division (`div_rn`), power-of-two scales come from the same bit arithmetic.
 Callers go through `r1pipe.kernels.fp8`, which checks shapes and dtypes first.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from r1pipe.kernels import reference as ref
+from r1pipe.kernels.fp8 import _capability
 from r1pipe.kernels.reference import GEMM_BLOCK_K, b_scale_rows, cdiv
 
 AMAX_FLOOR = tl.constexpr(ref.AMAX_FLOOR)
@@ -48,7 +52,8 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_xk, NUM_BLOCK
                       BLOCK: tl.constexpr, POW2: tl.constexpr, ROWS: tl.constexpr, GROUPS: tl.constexpr):
     """One program quantizes a [ROWS, GROUPS, BLOCK] tile: ROWS tokens x GROUPS consecutive 1xBLOCK tiles.
 
-    Any 2-D strides: a transposed view (the weight-gradient operands) is quantized without a copy."""
+    Any 2-D strides: a transposed view (the weight-gradient operands) is quantized without a copy.
+    Scales are written M-major (scale of token m, block j at j * M + m), see `act_quant`."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     blocks = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
     cols = blocks[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # [GROUPS, BLOCK]
@@ -60,17 +65,20 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_xk, NUM_BLOCK
     scale = _scale_from_amax(tl.max(tl.abs(x), axis=2), POW2)  # [ROWS, GROUPS]
     tl.store(q_ptr + rows64 * K + cols[None, :, :], _to_fp8(x, scale[:, :, None]), mask=mask)
     scale_mask = row_ok[:, None] & (blocks < NUM_BLOCKS)[None, :]
-    tl.store(s_ptr + rows.to(tl.int64)[:, None] * NUM_BLOCKS + blocks[None, :], scale, mask=scale_mask)
+    tl.store(s_ptr + blocks.to(tl.int64)[None, :] * M + rows[:, None], scale, mask=scale_mask)
 
 
 def act_quant(x: torch.Tensor, block: int, pow2_scale: bool):
+    """The scales come back M-major (a [..., nb] view of an [nb, M] buffer): a GEMM tile then reads
+    the scales of its rows for one K slice from consecutive addresses (one transaction instead of a
+    gather), and cuBLAS's blockwise GEMM takes them without a transposed copy."""
     if block > MAX_TILE:
         return ref.act_quant_ref(x, block, pow2_scale)
     k = x.shape[-1]
     x2 = x if x.dim() == 2 else x.reshape(-1, k)
     m, nb = x2.shape[0], cdiv(k, block)
     q = torch.empty(x.shape, dtype=ref.FP8_DTYPE, device=x.device)
-    s = torch.empty(*x.shape[:-1], nb, dtype=torch.float32, device=x.device)
+    s = torch.empty(nb, m, dtype=torch.float32, device=x.device).t().view(*x.shape[:-1], nb)
     if m:
         grid = lambda meta: (cdiv(m, meta["ROWS"]), cdiv(nb, meta["GROUPS"]))  # noqa: E731
         _act_quant_kernel[grid](x2, q, s, m, k, x2.stride(0), x2.stride(1), nb, BLOCK=block, POW2=pow2_scale)
@@ -143,36 +151,123 @@ def weight_dequant(w_fp8: torch.Tensor, scale_inv: torch.Tensor, block: int, dty
 
 
 @triton.jit
-def _scaled_dot(a_ptr, b_ptr, as_ptr, bs_ptr, rows_a, cols_b, K, kb_start, kb_end, stride_am, stride_bn,
-                stride_asm, stride_bsn, B_SCALE_ROWS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                BK: tl.constexpr, EVEN_K: tl.constexpr):
-    """fp32 [BM, BN] = sum over 128-wide K slices kb_start..kb_end-1 of
-    (A_k @ B_k^T) * a_scale_k[row] * b_scale_k[col].
+def _scale_ptrs(as_ptr, bs_ptr, rows_a, cols_b, col_start, stride_asm, stride_bsn, B_SCALE_ROWS: tl.constexpr,
+                BN: tl.constexpr):
+    """Pointers to K slice 0 of the tile's scales: a [BM, 1] column for A; for B a scalar when the
+    tile lies inside one 128-row weight block (then promotion costs one FMA per element), else a
+    [1, BN] row. rows_a / cols_b are in-range indices."""
+    as_ptrs = as_ptr + rows_a.to(tl.int64)[:, None] * stride_asm
+    if B_SCALE_ROWS % BN == 0:
+        bs_ptrs = bs_ptr + (col_start // B_SCALE_ROWS) * stride_bsn
+    else:
+        bs_ptrs = bs_ptr + (cols_b.to(tl.int64) // B_SCALE_ROWS)[None, :] * stride_bsn
+    return as_ptrs, bs_ptrs
 
-    rows_a / cols_b are in-range row indices of A and B (callers clamp them; out-of-range results
-    are masked at the store), so only a K edge needs masking.
+
+@triton.jit
+def _scaled_dot(a_src, b_src, as_ptrs, bs_ptrs, off_m, off_n, K, kb_start, kb_end, stride_ask, stride_bsk,
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, TMA: tl.constexpr, EVEN_K: tl.constexpr):
+    """fp32 [BM, BN] = sum over 128-wide K slices kb_start..kb_end-1 of
+    (A_k @ B_k^T) * a_scale_k[row] * b_scale_k[col]: V3's promotion of partial sums every 128.
+
+    With TMA, a_src / b_src are tensor descriptors read at rows off_m / off_n (the copy engine
+    zero-fills every edge). Otherwise they point at K slice 0 of a [BM, BK] tile of A and a
+    [BK, BN] tile of B^T whose rows the callers clamp into range (results are masked at the store),
+    so only a K edge needs masking.
     """
     offs_k = tl.arange(0, BK)
-    a_ptrs = a_ptr + rows_a.to(tl.int64)[:, None] * stride_am + offs_k[None, :] + kb_start * BK
-    b_ptrs = b_ptr + cols_b.to(tl.int64)[None, :] * stride_bn + offs_k[:, None] + kb_start * BK
-    as_ptrs = as_ptr + rows_a * stride_asm
-    bs_ptrs = bs_ptr + (cols_b // B_SCALE_ROWS) * stride_bsn
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for kb in range(kb_start, kb_end):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
+        if TMA:
+            a = a_src.load([off_m, kb * BK])
+            b = b_src.load([off_n, kb * BK]).T
+        elif EVEN_K:
+            a = tl.load(a_src + kb * BK)
+            b = tl.load(b_src + kb * BK)
         else:
             k_left = K - kb * BK
-            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        a_scale = tl.load(as_ptrs + kb)
-        b_scale = tl.load(bs_ptrs + kb)
-        acc += tl.dot(a, b) * (a_scale[:, None] * b_scale[None, :])
-        a_ptrs += BK
-        b_ptrs += BK
+            a = tl.load(a_src + kb * BK, mask=offs_k[None, :] < k_left, other=0.0)
+            b = tl.load(b_src + kb * BK, mask=offs_k[:, None] < k_left, other=0.0)
+        scale = tl.load(as_ptrs + kb * stride_ask) * tl.load(bs_ptrs + kb * stride_bsk)
+        acc += tl.dot(a, b) * scale
     return acc
 
+
+@triton.jit
+def _tile_position(tile, tiles_m, tiles_n, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of output tile number `tile`: GROUP_M row tiles walk all column
+    tiles together, so their operands are reused from L2."""
+    group_size = GROUP_M * tiles_n
+    first_m = (tile // group_size) * GROUP_M
+    rows_in_group = tl.minimum(tiles_m - first_m, GROUP_M)
+    return first_m + (tile % group_size) % rows_in_group, (tile % group_size) // rows_in_group
+
+
+def _even_k(args) -> bool:
+    return args["K"] % args["BK"] == 0
+
+
+# --- Dense GEMM, M > SMALL_M on Hopper: TMA loads, persistent programs -------------------------
+
+def _set_tma_blocks(nargs) -> None:
+    """The descriptors' box shapes follow the autotuned tile (Triton's autotune pre_hook)."""
+    bm, bn, bk = nargs["BM"], nargs["BN"], nargs["BK"]
+    nargs["a_desc"].block_shape = [bm, bk]
+    nargs["b_desc"].block_shape = [bn, bk]
+    nargs["c_desc"].block_shape = [bm, bn]
+
+
+TMA_CONFIGS = [
+    triton.Config({"BM": bm, "BN": bn, "GROUP_M": 8, "PROGRAMS_PER_SM": p}, num_warps=w, num_stages=s,
+                  pre_hook=_set_tma_blocks)
+    for bm, bn, w, s, p in ((128, 128, 8, 4, 1), (128, 128, 8, 5, 1), (128, 64, 4, 4, 2), (128, 64, 4, 6, 1),
+                            (64, 128, 4, 4, 2), (128, 256, 8, 3, 1))
+]
+
+
+@triton.autotune(configs=TMA_CONFIGS, key=["M_BUCKET", "N", "K", "B_SCALE_ROWS"])
+@triton.jit
+def _fp8_gemm_tma_kernel(a_desc, b_desc, c_desc, as_ptr, bs_ptr, M, N, K, M_BUCKET, stride_asm, stride_ask,
+                         stride_bsn, stride_bsk, B_SCALE_ROWS: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr,
+                         BN: tl.constexpr, GROUP_M: tl.constexpr, PROGRAMS_PER_SM: tl.constexpr):
+    """Each program loops over output tiles (grid = PROGRAMS_PER_SM x the SM count, read by the
+    launcher), so tile setup and the store overlap the next tile's loads."""
+    tiles_m, tiles_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
+    for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, tl.num_programs(0)):
+        pid_m, pid_n = _tile_position(tile, tiles_m, tiles_n, GROUP_M)
+        off_m, off_n = pid_m * BM, pid_n * BN
+        rows = tl.minimum(off_m + tl.arange(0, BM), M - 1)
+        cols = tl.minimum(off_n + tl.arange(0, BN), N - 1)
+        as_ptrs, bs_ptrs = _scale_ptrs(as_ptr, bs_ptr, rows, cols, off_n, stride_asm, stride_bsn, B_SCALE_ROWS, BN)
+        acc = _scaled_dot(a_desc, b_desc, as_ptrs, bs_ptrs, off_m, off_n, K, 0, tl.cdiv(K, BK), stride_ask,
+                          stride_bsk, BM, BN, BK, True, True)
+        c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _tma_fits(*tensors: torch.Tensor) -> bool:
+    """The copy engine (sm_90+) needs 16-byte aligned bases and row strides, and unit inner strides."""
+    return _capability(tensors[0].get_device()) >= (9, 0) and all(
+        t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0 for t in tensors)
+
+
+def _fp8_gemm_tma(a2, as2, b, bs, out):
+    m, k = a2.shape
+    n = b.shape[0]
+    placeholder = [1, 1]  # _set_tma_blocks sets the real box shapes
+    descs = (TensorDescriptor.from_tensor(t, placeholder) for t in (a2, b, out))
+    sms = _sm_count(a2.get_device())
+    grid = lambda meta: (min(sms * meta["PROGRAMS_PER_SM"], cdiv(m, meta["BM"]) * cdiv(n, meta["BN"])),)  # noqa: E731
+    _fp8_gemm_tma_kernel[grid](*descs, as2, bs, m, n, k, min(triton.next_power_of_2(m), 8192), as2.stride(0),
+                               as2.stride(1), bs.stride(0), bs.stride(1), B_SCALE_ROWS=b_scale_rows(bs, n),
+                               BK=GEMM_BLOCK_K)
+
+
+# --- Dense GEMM, decode sizes and pre-Hopper: pointer loads, split-K ---------------------------
 
 SMALL_M = 256  # up to this many rows: decode-sized tiles, split-K over an fp32 output
 GEMM_CONFIGS = [  # GROUP_M 8: large M; GROUP_M 1: small M (see _prune_gemm_configs)
@@ -189,35 +284,30 @@ def _prune_gemm_configs(configs, named_args, **kwargs):
     return [c for c in configs if (c.kwargs["GROUP_M"] == 1) == small and 2 * c.kwargs["SPLIT_K"] <= max(2, k_blocks)]
 
 
-def _even_k(args) -> bool:
-    return args["K"] % args["BK"] == 0
-
-
 @triton.autotune(configs=GEMM_CONFIGS, key=["N", "K", "M_BUCKET", "B_SCALE_ROWS"], reset_to_zero=["c_ptr"],
                  prune_configs_by={"early_config_prune": _prune_gemm_configs})
 @triton.heuristics({"EVEN_K": _even_k})
 @triton.jit
-def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, M, N, K, M_BUCKET, stride_am, stride_bn,
-                     stride_cm, stride_asm, stride_bsn, B_SCALE_ROWS: tl.constexpr, SPLIT_K: tl.constexpr,
-                     BK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr,
-                     EVEN_K: tl.constexpr):
+def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, M, N, K, M_BUCKET, stride_am, stride_bn, stride_cm,
+                     stride_asm, stride_ask, stride_bsn, stride_bsk, B_SCALE_ROWS: tl.constexpr,
+                     SPLIT_K: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
     """Program (tile, split) adds its share of K slices; with SPLIT_K > 1 the shares meet by fp32
     atomic adds in a zeroed output (few output tiles, long K: decode-sized M)."""
-    pid = tl.program_id(0)
-    tiles_m, tiles_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
-    group_size = GROUP_M * tiles_n  # GROUP_M row-tiles walk all column tiles together (L2 reuse)
-    first_m = (pid // group_size) * GROUP_M
-    rows_in_group = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size) % rows_in_group
-    pid_n = (pid % group_size) // rows_in_group
+    pid_m, pid_n = _tile_position(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(N, BN), GROUP_M)
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
+    rows, cols = offs_m % M, offs_n % N
     k_blocks = tl.cdiv(K, BK)
     per_split = tl.cdiv(k_blocks, SPLIT_K)
     kb_start = tl.program_id(1) * per_split
     kb_end = tl.minimum(kb_start + per_split, k_blocks)
-    acc = _scaled_dot(a_ptr, b_ptr, as_ptr, bs_ptr, offs_m % M, offs_n % N, K, kb_start, kb_end, stride_am,
-                      stride_bn, stride_asm, stride_bsn, B_SCALE_ROWS, BM, BN, BK, EVEN_K)
+    offs_k = tl.arange(0, BK)
+    a_tile = a_ptr + rows.to(tl.int64)[:, None] * stride_am + offs_k[None, :]
+    b_tile = b_ptr + cols.to(tl.int64)[None, :] * stride_bn + offs_k[:, None]
+    as_ptrs, bs_ptrs = _scale_ptrs(as_ptr, bs_ptr, rows, cols, pid_n * BN, stride_asm, stride_bsn, B_SCALE_ROWS, BN)
+    acc = _scaled_dot(a_tile, b_tile, as_ptrs, bs_ptrs, 0, 0, K, kb_start, kb_end, stride_ask, stride_bsk,
+                      BM, BN, BK, False, EVEN_K)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
     if SPLIT_K == 1:
@@ -227,12 +317,12 @@ def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, M, N, K, M_BUCKET, str
 
 
 def _gemm_operands(a_fp8, a_scale, b_fp8, b_scale):
+    """2-D operands with unit stride along K; the scales keep whichever layout they come in."""
     k = a_fp8.shape[-1]
     a2 = a_fp8.reshape(-1, k)
     as2 = a_scale.reshape(-1, a_scale.shape[-1])
-    a2, as2 = (t if t.stride(-1) == 1 else t.contiguous() for t in (a2, as2))
-    b, bs = (t if t.stride(-1) == 1 else t.contiguous() for t in (b_fp8, b_scale))
-    return a2, as2, b, bs
+    a2, b = (t if t.stride(-1) == 1 else t.contiguous() for t in (a2, b_fp8))
+    return a2, as2, b, b_scale
 
 
 def fp8_gemm(a_fp8, a_scale, b_fp8, b_scale, out_dtype):
@@ -243,13 +333,17 @@ def fp8_gemm(a_fp8, a_scale, b_fp8, b_scale, out_dtype):
         out = torch.zeros(m, n, dtype=torch.float32, device=a2.device)
     else:
         out = torch.empty(m, n, dtype=out_dtype, device=a2.device)
-    if m and n:
+    if m and n and m > SMALL_M and _tma_fits(a2, b, out):
+        _fp8_gemm_tma(a2, as2, b, bs, out)
+    elif m and n:
         grid = lambda meta: (cdiv(m, meta["BM"]) * cdiv(n, meta["BN"]), meta["SPLIT_K"])  # noqa: E731
         _fp8_gemm_kernel[grid](a2, b, out, as2, bs, m, n, k, min(triton.next_power_of_2(m), 4096),
-                               a2.stride(0), b.stride(0), out.stride(0), as2.stride(0), bs.stride(0),
-                               B_SCALE_ROWS=b_scale_rows(bs, n), BK=GEMM_BLOCK_K)
+                               a2.stride(0), b.stride(0), out.stride(0), as2.stride(0), as2.stride(1),
+                               bs.stride(0), bs.stride(1), B_SCALE_ROWS=b_scale_rows(bs, n), BK=GEMM_BLOCK_K)
     return out.to(out_dtype).view(*a_fp8.shape[:-1], n)
 
+
+# --- Grouped MoE GEMM ---------------------------------------------------------------------------
 
 GROUPED_CONFIGS = [
     triton.Config({"BN": bn}, num_warps=w, num_stages=s) for bn, w, s in ((128, 4, 4), (128, 8, 4), (256, 8, 3))
@@ -261,8 +355,8 @@ GROUPED_CONFIGS = [
 @triton.jit
 def _fp8_grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, offsets_ptr, tile_expert_ptr,
                              tile_row_ptr, N, K, stride_am, stride_be, stride_bn, stride_cm, stride_asm,
-                             stride_bse, stride_bsn, B_SCALE_ROWS: tl.constexpr, BK: tl.constexpr,
-                             BM: tl.constexpr, BN: tl.constexpr, EVEN_K: tl.constexpr):
+                             stride_ask, stride_bse, stride_bsn, stride_bsk, B_SCALE_ROWS: tl.constexpr,
+                             BK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, EVEN_K: tl.constexpr):
     """Program (t, n) computes row tile t of the expert schedule (`_expert_tiles`) x column tile n."""
     expert = tl.load(tile_expert_ptr + tl.program_id(0))
     if expert < 0:  # the schedule is sized for the worst case; spare tiles have no rows
@@ -271,10 +365,14 @@ def _fp8_grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, offsets_ptr, t
     row_end = tl.load(offsets_ptr + expert)
     offs_m = row_start + tl.arange(0, BM)
     offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
-    rows_a = tl.where(offs_m < row_end, offs_m, row_start)
-    acc = _scaled_dot(a_ptr, b_ptr + expert.to(tl.int64) * stride_be, as_ptr, bs_ptr + expert * stride_bse,
-                      rows_a, offs_n % N, K, 0, tl.cdiv(K, BK), stride_am, stride_bn, stride_asm, stride_bsn,
-                      B_SCALE_ROWS, BM, BN, BK, EVEN_K)
+    rows, cols = tl.where(offs_m < row_end, offs_m, row_start), offs_n % N
+    offs_k = tl.arange(0, BK)
+    a_tile = a_ptr + rows.to(tl.int64)[:, None] * stride_am + offs_k[None, :]
+    b_tile = b_ptr + expert.to(tl.int64) * stride_be + cols.to(tl.int64)[None, :] * stride_bn + offs_k[:, None]
+    as_ptrs, bs_ptrs = _scale_ptrs(as_ptr, bs_ptr + expert * stride_bse, rows, cols, tl.program_id(1) * BN,
+                                   stride_asm, stride_bsn, B_SCALE_ROWS, BN)
+    acc = _scaled_dot(a_tile, b_tile, as_ptrs, bs_ptrs, 0, 0, K, 0, tl.cdiv(K, BK), stride_ask, stride_bsk,
+                      BM, BN, BK, False, EVEN_K)
     mask = (offs_m[:, None] < row_end) & (offs_n[None, :] < N)
     c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
@@ -305,6 +403,6 @@ def fp8_grouped_gemm(a_fp8, a_scale, b_fp8, b_scale, offsets, out_dtype):
         grid = lambda meta: (tile_expert.numel(), cdiv(n, meta["BN"]))  # noqa: E731
         _fp8_grouped_gemm_kernel[grid](a2, b, out, as2, bs, offsets, tile_expert, tile_row, n, k,
                                        a2.stride(0), b.stride(0), b.stride(1), out.stride(0), as2.stride(0),
-                                       bs.stride(0), bs.stride(1), B_SCALE_ROWS=b_scale_rows(bs, n),
-                                       BK=GEMM_BLOCK_K, BM=bm)
+                                       as2.stride(1), bs.stride(0), bs.stride(1), bs.stride(2),
+                                       B_SCALE_ROWS=b_scale_rows(bs, n), BK=GEMM_BLOCK_K, BM=bm)
     return out

@@ -93,22 +93,53 @@ def test_weight_quant_and_dequant(shape, dtype):
 GEMM_SHAPES = [(m, n, k) for m in (1, 64, 130, 256, 4096) for n, k in ((7168, 2048), (2112, 7168), (200, 300))]
 
 
-@pytest.mark.parametrize("m,n,k", GEMM_SHAPES)
-@pytest.mark.parametrize("path", ["dispatch", "triton"])
-def test_fp8_gemm(m, n, k, path):
-    """`dispatch` may pick cuBLAS's blockwise GEMM for large M; `triton` always runs the Triton kernel."""
-    from r1pipe.kernels import triton_fp8
-
-    gemm = fp8_gemm if path == "dispatch" else triton_fp8.fp8_gemm
+def _check_gemm(gemm, m, n, k, m_major_scales=False, out_dtypes=(torch.float32, torch.bfloat16)):
     a, w = torch.randn(m, k, device="cuda"), torch.randn(n, k, device="cuda") * 0.02
     aq, as_ = ref.act_quant_ref(a)
+    if m_major_scales:  # the layout the Triton act_quant returns
+        as_ = as_.t().contiguous().t()
     wq, ws = ref.weight_quant_ref(w)
     expected = ref.fp8_gemm_ref(aq, as_, wq, ws, torch.float32)
-    out = gemm(aq, as_, wq, ws, torch.float32)
-    assert torch.isfinite(out).all() and rel_err(out, expected) < FP32_OUT_TOL
-    out_bf16 = gemm(aq, as_, wq, ws, torch.bfloat16)
-    assert out_bf16.dtype == torch.bfloat16 and torch.isfinite(out_bf16).all()
-    assert rel_err(out_bf16, expected) < 5e-3
+    for out_dtype in out_dtypes:
+        out = gemm(aq, as_, wq, ws, out_dtype)
+        assert out.dtype == out_dtype and torch.isfinite(out).all()
+        assert rel_err(out, expected) < (FP32_OUT_TOL if out_dtype == torch.float32 else 5e-3)
+
+
+@pytest.mark.parametrize("m,n,k", GEMM_SHAPES)
+@pytest.mark.parametrize("path", ["dispatch", "triton", "triton_pointer"])
+@pytest.mark.parametrize("m_major_scales", [False, True])
+def test_fp8_gemm(m, n, k, path, m_major_scales, monkeypatch):
+    """`dispatch` may pick cuBLAS's blockwise GEMM for large M; `triton` always runs Triton (the TMA
+    kernel for large M on Hopper); `triton_pointer` the pointer-load kernel that pre-Hopper GPUs get."""
+    from r1pipe.kernels import triton_fp8
+
+    if path == "triton_pointer":
+        monkeypatch.setattr(triton_fp8, "_tma_fits", lambda *tensors: False)
+    _check_gemm(fp8_gemm if path == "dispatch" else triton_fp8.fp8_gemm, m, n, k, m_major_scales)
+
+
+def test_act_quant_scales_are_m_major():
+    _, s = act_quant(torch.randn(2, 300, 1000, device="cuda"))
+    assert s.shape == (2, 300, 8) and s.stride() == (300, 1, 600)
+
+
+@pytest.mark.parametrize("m,n,k", [(4096, 2112, 7168), (300, 200, 1024), (1000, 7168, 2048)])
+def test_fp8_gemm_every_tma_config(m, n, k, monkeypatch):
+    """The autotuner may pick any tile configuration, so each one is checked on its own."""
+    from r1pipe.kernels import triton_fp8
+
+    from triton.runtime.errors import OutOfResources
+
+    kernel = triton_fp8._fp8_gemm_tma_kernel
+    for config in triton_fp8.TMA_CONFIGS:
+        monkeypatch.setattr(kernel, "configs", [config])
+        monkeypatch.setattr(kernel, "cache", {})
+        _check_gemm(triton_fp8.fp8_gemm, m, n, k, m_major_scales=True, out_dtypes=(torch.bfloat16,))
+        try:
+            _check_gemm(triton_fp8.fp8_gemm, m, n, k, m_major_scales=True, out_dtypes=(torch.float32,))
+        except OutOfResources:  # a large fp32 output tile may not fit next to the pipeline stages;
+            assert config.kwargs["BM"] * config.kwargs["BN"] * 4 > 64 * 1024  # the autotuner skips it
 
 
 @pytest.mark.parametrize("m,n,k", [(256, 384, 4096), (7168, 2048, 1000), (130, 200, 77), (2048, 7168, 4096)])
