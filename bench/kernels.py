@@ -257,6 +257,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="only M=4096 for the dense GEMMs")
     parser.add_argument("--eager", action="store_true", help="time plain launches instead of graph replays")
     parser.add_argument("--l2-hot", action="store_true", help="reuse one set of inputs (operands may stay in L2)")
+    parser.add_argument("--sections", default="quant,gemm,grouped,linear", help="comma-separated subset to run")
     parser.add_argument("--tma-configs", action="store_true", help="also time each Triton TMA tile configuration")
     args = parser.parse_args()
     global EAGER, L2_HOT
@@ -265,15 +266,19 @@ def main() -> None:
         raise SystemExit("bench/kernels.py needs a CUDA GPU")
     torch.manual_seed(0)
     ceilings = device_ceilings()
-    result = {"eager": EAGER, "l2_hot": L2_HOT, "ceilings": ceilings, "quant": bench_quant(ceilings["copy_gbs"]),
-              "gemm": bench_gemm((4096,) if args.quick else (64, 128, 4096)), "grouped": bench_grouped(),
-              "linear": bench_linear()}
+    sections = set(args.sections.split(","))
+    result = {"eager": EAGER, "l2_hot": L2_HOT, "ceilings": ceilings,
+              "quant": bench_quant(ceilings["copy_gbs"]) if "quant" in sections else [],
+              "gemm": bench_gemm((4096,) if args.quick else (64, 128, 4096)) if "gemm" in sections else [],
+              "grouped": bench_grouped() if "grouped" in sections else [],
+              "linear": bench_linear() if "linear" in sections else []}
     if args.tma_configs:
         result["tma_configs"] = bench_tma_configs((4096,) if args.quick else (64, 128, 4096))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
-    print(f"FP8Linear fwd+bwd, 4096 tokens, 7168->2048, 10 steps:\n{profile_linear()}")
+    if "linear" in sections:
+        print(f"FP8Linear fwd+bwd, 4096 tokens, 7168->2048, 10 steps:\n{profile_linear()}")
     print_tables(result)
     if args.tma_configs:
         print_tma_configs(result["tma_configs"])

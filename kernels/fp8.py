@@ -1,6 +1,7 @@
 """Public FP8 block-quantization ops: checks the inputs, then runs Triton on a CUDA GPU with FP8
-tensor cores (sm_89+) and the PyTorch reference anywhere else. On an H100/H200, large GEMMs go to
-cuBLAS's blockwise-scaled FP8 GEMM instead, which is faster there (same numerics, fp32 accumulation).
+tensor cores (sm_89+) and the PyTorch reference anywhere else. On an H100/H200 a dense GEMM runs
+on cuBLAS's blockwise-scaled FP8 GEMM (same format, fp32 accumulation) where that is faster for
+its shape (measured on first use, see `_gemm_backend`).
 
 Triton is imported only when a CUDA tensor arrives, so CPU machines without a working Triton
 never touch it.
@@ -120,32 +121,52 @@ def fp8_gemm(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torch.Tensor, b_
     _check_gemm_operands("fp8_gemm", a_fp8, a_scale, b_fp8, b_scale, out_dtype)
     if not _use_triton(a_fp8, a_scale, b_fp8, b_scale):
         return ref.fp8_gemm_ref(a_fp8, a_scale, b_fp8, b_scale, out_dtype)
-    if _cublas_blockwise_fits(a_fp8, b_fp8, out_dtype):
-        a2 = a_fp8.reshape(-1, a_fp8.shape[-1])
-        out = _cublas_blockwise_gemm(a2, a_scale.reshape(a2.shape[0], -1), b_fp8, b_scale, out_dtype)
-        return out.view(*a_fp8.shape[:-1], b_fp8.shape[0])
+    a2 = a_fp8.reshape(-1, a_fp8.shape[-1])
+    as2 = a_scale.reshape(a2.shape[0], -1)
+    if _gemm_backend(a2, as2, b_fp8, b_scale, out_dtype) == "cublas":
+        return _cublas_blockwise_gemm(a2, as2, b_fp8, b_scale, out_dtype).view(*a_fp8.shape[:-1], b_fp8.shape[0])
     return _triton().fp8_gemm(a_fp8, a_scale, b_fp8, b_scale, out_dtype)
 
 
-# From this many output elements on (M x N), cuBLAS's blockwise GEMM beat the Triton kernel on the
-# H100/H200 in bench/kernels.py (docs/PERFORMANCE.md, section 2); smaller, decode-sized GEMMs go to
-# Triton's split-K configurations.
-CUBLAS_MIN_OUTPUT = 896 * 1024
-
-
-def _cublas_blockwise_fits(a_fp8: torch.Tensor, b_fp8: torch.Tensor, out_dtype: torch.dtype) -> bool:
+def _cublas_blockwise_fits(a2: torch.Tensor, b_fp8: torch.Tensor, out_dtype: torch.dtype) -> bool:
     """cuBLAS (CUDA 12.9+) has the V3 scaling recipes on SM90 only, with a bf16 output, M a multiple
-    of 4, K a multiple of 4 x 128 and N of 16; other shapes go to the Triton kernel."""
-    m = a_fp8.numel() // max(1, a_fp8.shape[-1])
+    of 4, K a multiple of 4 x 128 and N of 16."""
     n, k = b_fp8.shape
-    return (hasattr(F, "ScalingType") and _capability(a_fp8.get_device()) == (9, 0) and out_dtype == torch.bfloat16
-            and m * n >= CUBLAS_MIN_OUTPUT and m % 4 == 0 and k % (4 * GEMM_BLOCK_K) == 0 and n % 16 == 0
-            and a_fp8.is_contiguous() and b_fp8.is_contiguous())
+    return (hasattr(F, "ScalingType") and _capability(a2.get_device()) == (9, 0) and out_dtype == torch.bfloat16
+            and a2.shape[0] % 4 == 0 and k % (4 * GEMM_BLOCK_K) == 0 and n % 16 == 0
+            and a2.is_contiguous() and b_fp8.is_contiguous())
+
+
+# (device, M bucket, N, K, row-wise B) -> "cublas" or "triton", measured on first use
+_GEMM_BACKEND: dict[tuple, str] = {}
+
+
+def _gemm_backend(a2, as2, b_fp8, b_scale, out_dtype) -> str:
+    """Where both can run, the faster of cuBLAS's blockwise GEMM and the Triton kernel for this
+    shape, timed once (L2 flushed, as for a layer's weights in a model). Neither wins everywhere
+    on an H100 (docs/PERFORMANCE.md, section 2): cuBLAS takes most large and wide GEMMs, Triton's
+    split-K kernel the narrow decode-sized ones. Shapes first seen while a CUDA graph is being
+    captured, where nothing can be timed, go to cuBLAS."""
+    if a2.shape[0] == 0 or not _cublas_blockwise_fits(a2, b_fp8, out_dtype):
+        return "triton"
+    m, (n, k) = a2.shape[0], b_fp8.shape
+    key = (a2.get_device(), min(1 << (m - 1).bit_length(), 8192), n, k, b_scale.shape[0] == n)
+    if key not in _GEMM_BACKEND:
+        if torch.cuda.is_current_stream_capturing():
+            return "cublas"
+        from triton.testing import do_bench
+
+        operands = (a2, as2, b_fp8, b_scale, out_dtype)
+        times = {"cublas": do_bench(lambda: _cublas_blockwise_gemm(*operands), warmup=5, rep=20),
+                 "triton": do_bench(lambda: _triton().fp8_gemm(*operands), warmup=5, rep=20)}
+        _GEMM_BACKEND[key] = min(times, key=times.get)
+    return _GEMM_BACKEND[key]
 
 
 def _cublas_blockwise_gemm(a2, a_scale, b_fp8, b_scale, out_dtype):
     """The same GEMM through torch.nn.functional.scaled_mm (cuBLAS): A in 1x128 tiles, B in 128x128
-    blocks or 1x128 rows. cuBLAS wants the 1x128 scales M-major, hence the transposed copies."""
+    blocks or 1x128 rows. cuBLAS wants the 1x128 scales M-major (as act_quant returns them on the
+    GPU); other layouts are copied."""
     rows_b = b_scale.shape[0] == b_fp8.shape[0]
     b_recipe = F.ScalingType.BlockWise1x128 if rows_b else F.ScalingType.BlockWise128x128
     b_scale = b_scale.t().contiguous().t() if rows_b else b_scale.t()

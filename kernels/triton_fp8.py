@@ -273,8 +273,8 @@ SMALL_M = 256  # up to this many rows: decode-sized tiles, split-K over an fp32 
 GEMM_CONFIGS = [  # GROUP_M 8: large M; GROUP_M 1: small M (see _prune_gemm_configs)
     *(triton.Config({"BM": bm, "BN": bn, "GROUP_M": 8, "SPLIT_K": 1}, num_warps=w, num_stages=s)
       for bm, bn, w, s in ((128, 256, 8, 3), (128, 128, 8, 4), (64, 128, 4, 4), (128, 64, 4, 4))),
-    *(triton.Config({"BM": 64, "BN": bn, "GROUP_M": 1, "SPLIT_K": split}, num_warps=4, num_stages=4)
-      for bn in (64, 128) for split in (1, 2, 4, 8)),
+    *(triton.Config({"BM": bm, "BN": bn, "GROUP_M": 1, "SPLIT_K": split}, num_warps=4, num_stages=4)
+      for bm, bn in ((64, 64), (64, 128), (128, 64)) for split in (1, 2, 4, 8)),
 ]
 
 
