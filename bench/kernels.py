@@ -100,6 +100,9 @@ def _gemm_operands(m: int, n: int, k: int):
     return x, w, *act_quant(x), *weight_quant(w)
 
 
+GEMM_ROUNDS = 3  # contenders take turns; each reports the median of its rounds (clock drift hits all alike)
+
+
 def bench_gemm(ms_list=(64, 128, 4096)) -> list[dict]:
     rows = []
     for n, k in GEMM_SHAPES:
@@ -109,9 +112,9 @@ def bench_gemm(ms_list=(64, 128, 4096)) -> list[dict]:
             w_row_s = w_row_s.amax(-1, keepdim=True).t().contiguous()
             a_row_s = as_.amax(-1, keepdim=True)
             row = {"m": m, "n": n, "k": k}
-            row["bf16"] = tflops(m, n, k, median_ms(lambda x, w: x @ w.t(), x, w))
-            row["scaled_mm_rowwise"] = tflops(m, n, k, median_ms(
-                lambda *ops: torch._scaled_mm(*ops, out_dtype=torch.bfloat16), aq, w_row_q.t(), a_row_s, w_row_s))
+            timed = {"bf16": (lambda x, w: x @ w.t(), (x, w)),
+                     "scaled_mm_rowwise": (lambda *ops: torch._scaled_mm(*ops, out_dtype=torch.bfloat16),
+                                           (aq, w_row_q.t(), a_row_s, w_row_s))}
             expected = ref.fp8_gemm_ref(aq, as_, wq, ws, torch.float32)
             contenders = {"cublas_blockwise": lambda *ops: _cublas_blockwise_gemm(*ops, torch.bfloat16),
                           "triton": lambda *ops: triton_fp8.fp8_gemm(*ops, torch.bfloat16),
@@ -119,11 +122,15 @@ def bench_gemm(ms_list=(64, 128, 4096)) -> list[dict]:
             for name, fn in contenders.items():
                 try:
                     row[f"{name}_err"] = rel_err(fn(aq, as_, wq, ws), expected)
-                    row[name] = tflops(m, n, k, median_ms(fn, aq, as_, wq, ws))
+                    timed[name] = (fn, (aq, as_, wq, ws))
                 except (RuntimeError, AttributeError, TypeError) as err:
                     row[name], row[f"{name}_err"] = None, str(err).splitlines()[0][:120]
-            row["ours_with_act_quant"] = tflops(m, n, k, median_ms(
-                lambda x, wq, ws: fp8_gemm(*act_quant(x), wq, ws), x, wq, ws))
+            timed["ours_with_act_quant"] = (lambda x, wq, ws: fp8_gemm(*act_quant(x), wq, ws), (x, wq, ws))
+            rounds = {name: [] for name in timed}
+            for _ in range(GEMM_ROUNDS):
+                for name, (fn, inputs) in timed.items():
+                    rounds[name].append(median_ms(fn, *inputs))
+            row.update({name: tflops(m, n, k, sorted(ms)[len(ms) // 2]) for name, ms in rounds.items()})
             rows.append(row)
     return rows
 

@@ -143,10 +143,9 @@ _GEMM_BACKEND: dict[tuple, str] = {}
 
 def _gemm_backend(a2, as2, b_fp8, b_scale, out_dtype) -> str:
     """Where both can run, the faster of cuBLAS's blockwise GEMM and the Triton kernel for this
-    shape, timed once (L2 flushed, as for a layer's weights in a model). Neither wins everywhere
-    on an H100 (docs/PERFORMANCE.md, section 2): cuBLAS takes most large and wide GEMMs, Triton's
-    split-K kernel the narrow decode-sized ones. Shapes first seen while a CUDA graph is being
-    captured, where nothing can be timed, go to cuBLAS."""
+    shape, timed once. Neither wins everywhere on an H100 (docs/PERFORMANCE.md, section 2): cuBLAS
+    takes most large and wide GEMMs, Triton's split-K kernel some narrow decode-sized ones. Shapes
+    first seen while a CUDA graph is being captured, where nothing can be timed, go to cuBLAS."""
     if a2.shape[0] == 0 or not _cublas_blockwise_fits(a2, b_fp8, out_dtype):
         return "triton"
     m, (n, k) = a2.shape[0], b_fp8.shape
@@ -154,13 +153,31 @@ def _gemm_backend(a2, as2, b_fp8, b_scale, out_dtype) -> str:
     if key not in _GEMM_BACKEND:
         if torch.cuda.is_current_stream_capturing():
             return "cublas"
-        from triton.testing import do_bench
-
         operands = (a2, as2, b_fp8, b_scale, out_dtype)
-        times = {"cublas": do_bench(lambda: _cublas_blockwise_gemm(*operands), warmup=5, rep=20),
-                 "triton": do_bench(lambda: _triton().fp8_gemm(*operands), warmup=5, rep=20)}
+        with torch.cuda.device(a2.device):
+            times = {"cublas": _gpu_ms(lambda: _cublas_blockwise_gemm(*operands)),
+                     "triton": _gpu_ms(lambda: _triton().fp8_gemm(*operands))}
         _GEMM_BACKEND[key] = min(times, key=times.get)
     return _GEMM_BACKEND[key]
+
+
+def _gpu_ms(fn, repeats: int = 7) -> float:
+    """Median GPU time of fn() with a cold L2 (as for a layer's weights in a model), launch overhead
+    excluded: a sleep kernel holds the GPU while the host queues the L2 flush and fn, so the events
+    around fn time only its kernels. (triton.testing.do_bench would count the Triton launcher's
+    host time, which decides the wrong way for GEMMs of ~10 us.)"""
+    fn()  # compile and autotune first
+    device = torch.cuda.current_device()
+    flush = torch.empty(2 * torch.cuda.get_device_properties(device).L2_cache_size, dtype=torch.int8, device=device)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+    for start, end in events:
+        torch.cuda._sleep(2_000_000)  # ~1 ms at H100 clocks
+        flush.zero_()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return sorted(start.elapsed_time(end) for start, end in events)[repeats // 2]
 
 
 def _cublas_blockwise_gemm(a2, a_scale, b_fp8, b_scale, out_dtype):
