@@ -153,43 +153,58 @@ def weight_dequant(w_fp8: torch.Tensor, scale_inv: torch.Tensor, block: int, dty
 @triton.jit
 def _scale_ptrs(as_ptr, bs_ptr, rows_a, cols_b, col_start, stride_asm, stride_bsn, B_SCALE_ROWS: tl.constexpr,
                 BN: tl.constexpr):
-    """Pointers to K slice 0 of the tile's scales: a [BM, 1] column for A; for B a scalar when the
-    tile lies inside one 128-row weight block (then promotion costs one FMA per element), else a
-    [1, BN] row. rows_a / cols_b are in-range indices."""
-    as_ptrs = as_ptr + rows_a.to(tl.int64)[:, None] * stride_asm
+    """Pointers to K slice 0 of the tile's scales: [BM] for A; for B one scalar when the tile lies
+    inside one 128-row weight block (promotion then costs one FMA per element), else [BN].
+    rows_a / cols_b are in-range indices."""
+    as_ptrs = as_ptr + rows_a.to(tl.int64) * stride_asm
     if B_SCALE_ROWS % BN == 0:
         bs_ptrs = bs_ptr + (col_start // B_SCALE_ROWS) * stride_bsn
     else:
-        bs_ptrs = bs_ptr + (cols_b.to(tl.int64) // B_SCALE_ROWS)[None, :] * stride_bsn
+        bs_ptrs = bs_ptr + (cols_b.to(tl.int64) // B_SCALE_ROWS) * stride_bsn
     return as_ptrs, bs_ptrs
 
 
 @triton.jit
 def _scaled_dot(a_src, b_src, as_ptrs, bs_ptrs, off_m, off_n, K, kb_start, kb_end, stride_ask, stride_bsk,
-                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, TMA: tl.constexpr, EVEN_K: tl.constexpr):
+                B_SCALE_ROWS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                TMA: tl.constexpr, EVEN_K: tl.constexpr):
     """fp32 [BM, BN] = sum over 128-wide K slices kb_start..kb_end-1 of
     (A_k @ B_k^T) * a_scale_k[row] * b_scale_k[col]: V3's promotion of partial sums every 128.
 
     With TMA, a_src / b_src are tensor descriptors read at rows off_m / off_n (the copy engine
     zero-fills every edge). Otherwise they point at K slice 0 of a [BM, BK] tile of A and a
     [BK, BN] tile of B^T whose rows the callers clamp into range (results are masked at the store),
-    so only a K edge needs masking.
+    so only a K edge needs masking. as_ptrs / bs_ptrs come from `_scale_ptrs`.
     """
     offs_k = tl.arange(0, BK)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
+    if not TMA:
+        a_src += kb_start * BK
+        b_src += kb_start * BK
+    as_ptrs += kb_start * stride_ask
+    bs_ptrs += kb_start * stride_bsk
     for kb in range(kb_start, kb_end):
         if TMA:
             a = a_src.load([off_m, kb * BK])
             b = b_src.load([off_n, kb * BK]).T
         elif EVEN_K:
-            a = tl.load(a_src + kb * BK)
-            b = tl.load(b_src + kb * BK)
+            a = tl.load(a_src)
+            b = tl.load(b_src)
         else:
             k_left = K - kb * BK
-            a = tl.load(a_src + kb * BK, mask=offs_k[None, :] < k_left, other=0.0)
-            b = tl.load(b_src + kb * BK, mask=offs_k[:, None] < k_left, other=0.0)
-        scale = tl.load(as_ptrs + kb * stride_ask) * tl.load(bs_ptrs + kb * stride_bsk)
-        acc += tl.dot(a, b) * scale
+            a = tl.load(a_src, mask=offs_k[None, :] < k_left, other=0.0)
+            b = tl.load(b_src, mask=offs_k[:, None] < k_left, other=0.0)
+        a_scale = tl.load(as_ptrs)
+        b_scale = tl.load(bs_ptrs)
+        if B_SCALE_ROWS % BN == 0:
+            acc += tl.dot(a, b) * (a_scale * b_scale)[:, None]
+        else:
+            acc += tl.dot(a, b) * (a_scale[:, None] * b_scale[None, :])
+        if not TMA:
+            a_src += BK
+            b_src += BK
+        as_ptrs += stride_ask
+        bs_ptrs += stride_bsk
     return acc
 
 
@@ -240,7 +255,7 @@ def _fp8_gemm_tma_kernel(a_desc, b_desc, c_desc, as_ptr, bs_ptr, M, N, K, M_BUCK
         cols = tl.minimum(off_n + tl.arange(0, BN), N - 1)
         as_ptrs, bs_ptrs = _scale_ptrs(as_ptr, bs_ptr, rows, cols, off_n, stride_asm, stride_bsn, B_SCALE_ROWS, BN)
         acc = _scaled_dot(a_desc, b_desc, as_ptrs, bs_ptrs, off_m, off_n, K, 0, tl.cdiv(K, BK), stride_ask,
-                          stride_bsk, BM, BN, BK, True, True)
+                          stride_bsk, B_SCALE_ROWS, BM, BN, BK, True, True)
         c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
 
 
@@ -307,7 +322,7 @@ def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, M, N, K, M_BUCKET, str
     b_tile = b_ptr + cols.to(tl.int64)[None, :] * stride_bn + offs_k[:, None]
     as_ptrs, bs_ptrs = _scale_ptrs(as_ptr, bs_ptr, rows, cols, pid_n * BN, stride_asm, stride_bsn, B_SCALE_ROWS, BN)
     acc = _scaled_dot(a_tile, b_tile, as_ptrs, bs_ptrs, 0, 0, K, kb_start, kb_end, stride_ask, stride_bsk,
-                      BM, BN, BK, False, EVEN_K)
+                      B_SCALE_ROWS, BM, BN, BK, False, EVEN_K)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
     if SPLIT_K == 1:
@@ -372,7 +387,7 @@ def _fp8_grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, offsets_ptr, t
     as_ptrs, bs_ptrs = _scale_ptrs(as_ptr, bs_ptr + expert * stride_bse, rows, cols, tl.program_id(1) * BN,
                                    stride_asm, stride_bsn, B_SCALE_ROWS, BN)
     acc = _scaled_dot(a_tile, b_tile, as_ptrs, bs_ptrs, 0, 0, K, 0, tl.cdiv(K, BK), stride_ask, stride_bsk,
-                      BM, BN, BK, False, EVEN_K)
+                      B_SCALE_ROWS, BM, BN, BK, False, EVEN_K)
     mask = (offs_m[:, None] < row_end) & (offs_n[None, :] < N)
     c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
