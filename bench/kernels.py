@@ -20,6 +20,7 @@ from triton.testing import do_bench, do_bench_cudagraph
 from r1pipe.kernels import FP8Linear, act_quant, fp8_gemm, fp8_grouped_gemm, weight_dequant, weight_quant
 from r1pipe.kernels import reference as ref
 from r1pipe.kernels import triton_fp8
+from r1pipe.kernels import fp8 as fp8_module
 from r1pipe.kernels.fp8 import _cublas_blockwise_gemm
 from r1pipe.kernels.reference import cdiv
 
@@ -287,6 +288,8 @@ def main() -> None:
     if "linear" in sections:
         print(f"FP8Linear fwd+bwd, 4096 tokens, 7168->2048, 10 steps:\n{profile_linear()}")
     print_tables(result)
+    choices = getattr(fp8_module, "_GEMM_BACKEND", {})
+    print("\nfp8_gemm backend per (device, M bucket, N, K, row-wise B):", {k[1:]: v for k, v in choices.items()})
     if args.tma_configs:
         print_tma_configs(result["tma_configs"])
 

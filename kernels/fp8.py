@@ -139,13 +139,17 @@ def _cublas_blockwise_fits(a2: torch.Tensor, b_fp8: torch.Tensor, out_dtype: tor
 
 # (device, M bucket, N, K, row-wise B) -> "cublas" or "triton", measured on first use
 _GEMM_BACKEND: dict[tuple, str] = {}
+# Triton must be this much faster on the GPU to be chosen: its launcher costs tens of microseconds
+# of host time per call against a few for cuBLAS, which shows wherever the host is the bottleneck.
+TRITON_MIN_GAIN = 0.9
 
 
 def _gemm_backend(a2, as2, b_fp8, b_scale, out_dtype) -> str:
     """Where both can run, the faster of cuBLAS's blockwise GEMM and the Triton kernel for this
-    shape, timed once. Neither wins everywhere on an H100 (docs/PERFORMANCE.md, section 2): cuBLAS
-    takes most large and wide GEMMs, Triton's split-K kernel some narrow decode-sized ones. Shapes
-    first seen while a CUDA graph is being captured, where nothing can be timed, go to cuBLAS."""
+    shape (Triton by at least 10%, see TRITON_MIN_GAIN), timed once. Neither wins everywhere on an
+    H100 (docs/PERFORMANCE.md, section 2): cuBLAS takes most large and wide GEMMs, Triton's split-K
+    kernel some narrow decode-sized ones. Shapes first seen while a CUDA graph is being captured,
+    where nothing can be timed, go to cuBLAS."""
     if a2.shape[0] == 0 or not _cublas_blockwise_fits(a2, b_fp8, out_dtype):
         return "triton"
     m, (n, k) = a2.shape[0], b_fp8.shape
@@ -157,7 +161,7 @@ def _gemm_backend(a2, as2, b_fp8, b_scale, out_dtype) -> str:
         with torch.cuda.device(a2.device):
             times = {"cublas": _gpu_ms(lambda: _cublas_blockwise_gemm(*operands)),
                      "triton": _gpu_ms(lambda: _triton().fp8_gemm(*operands))}
-        _GEMM_BACKEND[key] = min(times, key=times.get)
+        _GEMM_BACKEND[key] = "triton" if times["triton"] < TRITON_MIN_GAIN * times["cublas"] else "cublas"
     return _GEMM_BACKEND[key]
 
 
