@@ -95,7 +95,8 @@ def bench_quant(copy_gbs: float) -> list[dict]:
     return rows
 
 
-def _gemm_operands(m: int, n: int, k: int):
+def _random_gemm_inputs(m: int, n: int, k: int):
+    """bf16 x [m, k] and w [n, k], and their FP8 forms (act_quant, weight_quant)."""
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     return x, w, *act_quant(x), *weight_quant(w)
@@ -108,7 +109,7 @@ def bench_gemm(ms_list=(64, 128, 4096)) -> list[dict]:
     rows = []
     for n, k in GEMM_SHAPES:
         for m in ms_list:
-            x, w, aq, as_, wq, ws = _gemm_operands(m, n, k)
+            x, w, aq, as_, wq, ws = _random_gemm_inputs(m, n, k)
             w_row_q, w_row_s = act_quant(w)  # row-wise scales for torch._scaled_mm's reference point
             w_row_s = w_row_s.amax(-1, keepdim=True).t().contiguous()
             a_row_s = as_.amax(-1, keepdim=True)
@@ -144,7 +145,7 @@ def bench_tma_configs(ms_list=(64, 128, 4096)) -> list[dict]:
     try:
         for n, k in GEMM_SHAPES:
             for m in ms_list:
-                _, _, aq, as_, wq, ws = _gemm_operands(m, n, k)
+                _, _, aq, as_, wq, ws = _random_gemm_inputs(m, n, k)
                 expected = ref.fp8_gemm_ref(aq, as_, wq, ws, torch.float32)
                 row = {"m": m, "n": n, "k": k}
                 for config in configs:

@@ -51,6 +51,8 @@ def _triton():
 def act_quant(x: torch.Tensor, block: int = 128, pow2_scale: bool = False):
     """Quantize activations per token in 1 x `block` tiles: (e4m3 [..., K], fp32 scales [..., ceil(K/block)]).
 
+    On the GPU the scales come back M-major (strides (1, M) in 2-D), the layout the GEMMs read fastest.
+
     `pow2_scale` rounds each scale up to a power of two, so the rescale is exact (V3 uses it for
     the activations that feed the backward pass).
     """
@@ -123,9 +125,8 @@ def fp8_gemm(a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torch.Tensor, b_
         return ref.fp8_gemm_ref(a_fp8, a_scale, b_fp8, b_scale, out_dtype)
     a2 = a_fp8.reshape(-1, a_fp8.shape[-1])
     as2 = a_scale.reshape(a2.shape[0], -1)
-    if _gemm_backend(a2, as2, b_fp8, b_scale, out_dtype) == "cublas":
-        return _cublas_blockwise_gemm(a2, as2, b_fp8, b_scale, out_dtype).view(*a_fp8.shape[:-1], b_fp8.shape[0])
-    return _triton().fp8_gemm(a_fp8, a_scale, b_fp8, b_scale, out_dtype)
+    gemm = _cublas_blockwise_gemm if _gemm_backend(a2, as2, b_fp8, b_scale, out_dtype) == "cublas" else _triton().fp8_gemm
+    return gemm(a2, as2, b_fp8, b_scale, out_dtype).view(*a_fp8.shape[:-1], b_fp8.shape[0])
 
 
 def _cublas_blockwise_fits(a2: torch.Tensor, b_fp8: torch.Tensor, out_dtype: torch.dtype) -> bool:

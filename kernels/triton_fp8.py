@@ -339,8 +339,9 @@ def _gemm_operands(a_fp8, a_scale, b_fp8, b_scale):
     return a2, as2, b, b_scale
 
 
-def fp8_gemm(a_fp8, a_scale, b_fp8, b_scale, out_dtype):
-    a2, as2, b, bs = _gemm_operands(a_fp8, a_scale, b_fp8, b_scale)
+def fp8_gemm(a2, as2, b_fp8, b_scale, out_dtype):
+    """A [M, K] (2-D: `r1pipe.kernels.fp8.fp8_gemm` flattens the leading dimensions) x B[N, K]^T."""
+    a2, as2, b, bs = _gemm_operands(a2, as2, b_fp8, b_scale)
     m, k = a2.shape
     n = b.shape[0]
     if m <= SMALL_M:  # the autotuner may pick a split-K config, which adds into zeros
@@ -354,7 +355,7 @@ def fp8_gemm(a_fp8, a_scale, b_fp8, b_scale, out_dtype):
         _fp8_gemm_kernel[grid](a2, b, out, as2, bs, m, n, k, min(triton.next_power_of_2(m), 4096),
                                a2.stride(0), b.stride(0), out.stride(0), as2.stride(0), as2.stride(1),
                                bs.stride(0), bs.stride(1), B_SCALE_ROWS=b_scale_rows(bs, n), BK=GEMM_BLOCK_K)
-    return out.to(out_dtype).view(*a_fp8.shape[:-1], n)
+    return out.to(out_dtype)
 
 
 # --- Grouped MoE GEMM ---------------------------------------------------------------------------

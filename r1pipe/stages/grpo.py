@@ -259,20 +259,20 @@ def pack_sequences(prompts: list[list[int]], completions, pad_id: int) -> dict[s
 
 
 def sequence_logprobs(policy, batch: dict, temperature: float, chunk_size: int,
-                      aux_labels: torch.Tensor | None = None):
+                      aux_labels: torch.Tensor | None = None, return_entropy: bool = True):
     """Log-prob and entropy of every completion token given its prefix under logits / temperature,
     aligned to input_ids ([B, L]; prompt and padding positions get 0). The policy projects only the
     completion positions onto the vocabulary, in chunks of `chunk_size` tokens: never a [B, L, V] fp32
     tensor. With `aux_labels` a V3 policy also returns its MTP + balance loss on them (None for dense
-    models) and those metrics: -> (logp, entropy, aux_loss, aux_metrics)."""
+    models) and those metrics: -> (logp, entropy or None, aux_loss, aux_metrics)."""
     mask = batch["attention_mask"]
     position_ids = (mask.cumsum(1) - 1).clamp(min=0)
     logp, entropy, aux_loss, aux_metrics = policy.token_logprobs_and_aux(
-        batch["input_ids"], mask, position_ids, chunk_size=chunk_size, temperature=temperature, return_entropy=True,
-        aux_labels=aux_labels, only=batch["completion_mask"][:, 1:].bool(),
+        batch["input_ids"], mask, position_ids, chunk_size=chunk_size, temperature=temperature,
+        return_entropy=return_entropy, aux_labels=aux_labels, only=batch["completion_mask"][:, 1:].bool(),
     )
     pad = torch.nn.functional.pad
-    return pad(logp, (1, 0)), pad(entropy, (1, 0)), aux_loss, aux_metrics
+    return pad(logp, (1, 0)), (pad(entropy, (1, 0)) if return_entropy else None), aux_loss, aux_metrics
 
 
 # ----------------------------------------------------------------------------------------------
@@ -460,7 +460,8 @@ class GrpoRun:
         with self._reference_context(), self.trainer.autocast():
             for micro in batch.micro_batches(self.cfg.train.micro_batch_size):
                 micro = {k: v.to(self.trainer.device) if torch.is_tensor(v) else v for k, v in micro.items()}
-                logp = sequence_logprobs(policy, micro, self.g.temperature, self.g.logprob_chunk_size)[0]
+                logp = sequence_logprobs(policy, micro, self.g.temperature, self.g.logprob_chunk_size,
+                                         return_entropy=False)[0]
                 parts.append(torch.nn.functional.pad(logp.float().cpu(), (0, batch.input_ids.shape[1] - logp.shape[1])))
         return torch.cat(parts)
 
