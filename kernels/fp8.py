@@ -141,13 +141,14 @@ def _cublas_blockwise_fits(a2: torch.Tensor, b_fp8: torch.Tensor, out_dtype: tor
 # (device, M bucket, N, K, row-wise B) -> "cublas" or "triton", measured on first use
 _GEMM_BACKEND: dict[tuple, str] = {}
 # Triton must be this much faster on the GPU to be chosen: its launcher costs tens of microseconds
-# of host time per call against a few for cuBLAS, which shows wherever the host is the bottleneck.
-TRITON_MIN_GAIN = 0.9
+# of host time per call against a few for cuBLAS, which shows wherever the host is the bottleneck
+# (eager launches; CUDA-graph replays do not pay it).
+TRITON_MIN_GAIN = 0.95
 
 
 def _gemm_backend(a2, as2, b_fp8, b_scale, out_dtype) -> str:
     """Where both can run, the faster of cuBLAS's blockwise GEMM and the Triton kernel for this
-    shape (Triton by at least 10%, see TRITON_MIN_GAIN), timed once. Neither wins everywhere on an
+    shape (Triton by at least 5%, see TRITON_MIN_GAIN), timed once. Neither wins everywhere on an
     H100 (docs/PERFORMANCE.md, section 2): cuBLAS takes most large and wide GEMMs, Triton's split-K
     kernel some narrow decode-sized ones. Shapes first seen while a CUDA graph is being captured,
     where nothing can be timed, go to cuBLAS."""
@@ -167,11 +168,16 @@ def _gemm_backend(a2, as2, b_fp8, b_scale, out_dtype) -> str:
 
 
 def _gpu_ms(fn, repeats: int = 7) -> float:
-    """Median GPU time of fn() with a cold L2 (as for a layer's weights in a model), launch overhead
-    excluded: a sleep kernel holds the GPU while the host queues the L2 flush and fn, so the events
-    around fn time only its kernels. (triton.testing.do_bench would count the Triton launcher's
-    host time, which decides the wrong way for GEMMs of ~10 us.)"""
-    fn()  # compile and autotune first
+    """Median GPU time of fn() with a cold L2 (as for a layer's weights in a model), host launch
+    overhead excluded: fn runs as a CUDA-graph replay, queued while a sleep kernel holds the GPU
+    behind an L2 flush, so the events around it time only its kernels, back to back. (Timed
+    eagerly, the gaps between the three kernels of a split-K Triton GEMM -- zero-fill, GEMM, cast --
+    made a 10-13% win at M=128 look like 5%; triton.testing.do_bench would also count the
+    launcher's host time.)"""
+    fn()  # compile and autotune first, outside the graph
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
     device = torch.cuda.current_device()
     flush = torch.empty(2 * torch.cuda.get_device_properties(device).L2_cache_size, dtype=torch.int8, device=device)
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
@@ -179,7 +185,7 @@ def _gpu_ms(fn, repeats: int = 7) -> float:
         torch.cuda._sleep(2_000_000)  # ~1 ms at H100 clocks
         flush.zero_()
         start.record()
-        fn()
+        graph.replay()
         end.record()
     torch.cuda.synchronize()
     return sorted(start.elapsed_time(end) for start, end in events)[repeats // 2]
