@@ -176,7 +176,8 @@ def _gpu_ms(fn, repeats: int = 7) -> float:
     launcher's host time.)"""
     fn()  # compile and autotune first, outside the graph
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    # thread_local: other threads (data loading, the autograd engine) may use CUDA meanwhile
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         fn()
     device = torch.cuda.current_device()
     flush = torch.empty(2 * torch.cuda.get_device_properties(device).L2_cache_size, dtype=torch.int8, device=device)
