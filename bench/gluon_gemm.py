@@ -11,7 +11,7 @@ the asynchronous warpgroup MMA, mbarriers and warp specialization):
 - the math warps keep two K-slice products in flight: slice k+1 starts on the tensor cores before
   slice k is promoted (`acc += product * a_scale * b_scale`), in groups of UNROLL slices
   (UNROLL=1: no overlap, the promotion waits for the MMA as in the Triton kernel).
-It is not used by `fp8_gemm`: at M=4096 it measures at about cuBLAS's speed, not above it, and
+It is not used by `fp8_gemm`: at M=4096 it measured 0.83-0.96x cuBLAS's blockwise GEMM, and
 Gluon's API changes between Triton releases (Triton 3.9 renamed the TMA store this uses), so it
 would tie r1pipe to one Triton version for no gain where cuBLAS's blockwise GEMM exists. Blockwise
 (128x128) weight scales only. Results: docs/PERFORMANCE.md, section 2.
