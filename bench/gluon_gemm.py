@@ -36,21 +36,13 @@ from r1pipe.kernels import reference as ref  # noqa: E402
 from r1pipe.kernels import triton_fp8  # noqa: E402
 from r1pipe.kernels.fp8 import _cublas_blockwise_gemm  # noqa: E402
 from r1pipe.kernels.reference import GEMM_BLOCK_K, cdiv  # noqa: E402
+from r1pipe.kernels.triton_fp8 import _tile_position  # noqa: E402 (a triton.jit function; Gluon calls it)
 
 LOADER_REGISTERS = gl.constexpr(24)  # the TMA-issuing warp needs few; the math warps get the rest
 CONFIGS = {  # name: (BM, BN, num_warps, STAGES, UNROLL)
     "ws 128x128 U1": (128, 128, 8, 4, 1), "ws 128x128 U2": (128, 128, 8, 4, 2),
     "ws 128x128 U2 5st": (128, 128, 8, 5, 2), "ws 128x128 U4": (128, 128, 8, 4, 4),
 }
-
-
-@gluon.jit
-def _tile_position(tile, tiles_m, tiles_n, GROUP_M: gl.constexpr):
-    """GROUP_M row tiles walk all column tiles together (operands reused from L2)."""
-    group_size = GROUP_M * tiles_n
-    first_m = (tile // group_size) * GROUP_M
-    rows_in_group = gl.minimum(tiles_m - first_m, GROUP_M)
-    return first_m + (tile % group_size) % rows_in_group, (tile % group_size) // rows_in_group
 
 
 @gluon.jit
