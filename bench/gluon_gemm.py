@@ -162,8 +162,7 @@ def fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, config=CONFIGS
     out = torch.empty(m, n, dtype=out_dtype, device=a.device)
     descs = [TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, _GL_DTYPES[t.dtype]))
              for t, block in ((a, [bm, GEMM_BLOCK_K]), (b, [bn, GEMM_BLOCK_K]), (out, [bm, bn]))]
-    sms = torch.cuda.get_device_properties(a.device).multi_processor_count
-    fp8_gemm_ws_kernel[(min(sms, cdiv(m, bm) * cdiv(n, bn)),)](
+    fp8_gemm_ws_kernel[(min(triton_fp8._sm_count(a.get_device()), cdiv(m, bm) * cdiv(n, bn)),)](
         *descs, a_scale, b_scale, m, n, k, a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1),
         STAGES=stages, GROUP_M=8, UNROLL=unroll, num_warps=warps)
     return out
@@ -193,13 +192,7 @@ def bench(configs, m: int = 4096) -> list[dict]:
                       "Triton TMA": (lambda *o: triton_fp8.fp8_gemm(*o, torch.bfloat16), (aq, as_, wq, ws))}
         contenders.update({name: (lambda *o, c=config: fp8_gemm_ws(*o, torch.bfloat16, c), (aq, as_, wq, ws))
                            for name, config in configs.items()})
-        rounds = {name: [] for name in contenders}
-        for _ in range(bench_kernels.GEMM_ROUNDS):  # contenders take turns (clock drift hits all alike)
-            for name, (fn, inputs) in contenders.items():
-                rounds[name].append(bench_kernels.median_ms(fn, *inputs))
-        row = {"m": m, "n": n, "k": k}
-        row.update({name: bench_kernels.tflops(m, n, k, sorted(ms)[len(ms) // 2]) for name, ms in rounds.items()})
-        rows.append(row)
+        rows.append({"m": m, "n": n, "k": k, **bench_kernels.tflops_in_turns(contenders, m, n, k)})
     return rows
 
 

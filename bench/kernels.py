@@ -105,6 +105,15 @@ def _random_gemm_inputs(m: int, n: int, k: int):
 GEMM_ROUNDS = 3  # contenders take turns; each reports the median of its rounds (clock drift hits all alike)
 
 
+def tflops_in_turns(timed: dict, m: int, n: int, k: int) -> dict:
+    """TFLOP/s of each name: (fn, inputs) of an [m, k] x [k, n] GEMM, the contenders taking turns."""
+    rounds = {name: [] for name in timed}
+    for _ in range(GEMM_ROUNDS):
+        for name, (fn, inputs) in timed.items():
+            rounds[name].append(median_ms(fn, *inputs))
+    return {name: tflops(m, n, k, sorted(ms)[len(ms) // 2]) for name, ms in rounds.items()}
+
+
 def bench_gemm(ms_list=(64, 128, 4096)) -> list[dict]:
     rows = []
     for n, k in GEMM_SHAPES:
@@ -128,11 +137,7 @@ def bench_gemm(ms_list=(64, 128, 4096)) -> list[dict]:
                 except (RuntimeError, AttributeError, TypeError) as err:
                     row[name], row[f"{name}_err"] = None, str(err).splitlines()[0][:120]
             timed["ours_with_act_quant"] = (lambda x, wq, ws: fp8_gemm(*act_quant(x), wq, ws), (x, wq, ws))
-            rounds = {name: [] for name in timed}
-            for _ in range(GEMM_ROUNDS):
-                for name, (fn, inputs) in timed.items():
-                    rounds[name].append(median_ms(fn, *inputs))
-            row.update({name: tflops(m, n, k, sorted(ms)[len(ms) // 2]) for name, ms in rounds.items()})
+            row.update(tflops_in_turns(timed, m, n, k))
             rows.append(row)
     return rows
 
