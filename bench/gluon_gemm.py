@@ -204,7 +204,7 @@ def fp8_gemm_ws_kernel(a_desc, b_desc, c_desc, as_ptr, bs_ptr, M, N, K, stride_a
     SUB_N: gl.constexpr = b_desc.block_type.shape[0]
     a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES * KS, BM, BK], a_desc.layout)
     b_bufs = ()
-    for s in gl.static_range(N_SUB):
+    for _ in gl.static_range(N_SUB):
         b_bufs = b_bufs + (gl.allocate_shared_memory(b_desc.dtype, [STAGES * KS, SUB_N, BK], b_desc.layout), )
     c_smem0 = gl.allocate_shared_memory(c_desc.dtype, c_desc.block_type.shape, c_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
