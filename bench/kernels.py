@@ -13,6 +13,7 @@ the targets of issue 4 are recorded in docs/PERFORMANCE.md (section 2).
 """
 import argparse
 import json
+import time
 
 import torch
 from triton.testing import do_bench, do_bench_cudagraph
@@ -173,8 +174,34 @@ def bench_tma_configs(ms_list=(64, 128, 4096)) -> list[dict]:
     return rows
 
 
+def host_ms(fn, calls: int = 30) -> float:
+    """Host time per fn() alone: a sleep kernel holds the GPU, so the calls only queue work."""
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # ~1 s at H100 clocks, longer than the calls take to queue
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e3
+
+
+def kernel_ms(fn, calls: int = 10) -> float:
+    """GPU time per fn(): the sum of its kernels' times (torch.profiler), gaps between them left out."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return sum(event.self_device_time_total for event in prof.key_averages()) / calls / 1e3
+
+
 def bench_linear(tokens: int = 4096) -> list[dict]:
-    """A training step's three GEMMs: bf16 nn.Linear vs FP8Linear (quantization included), eager."""
+    """A training step's three GEMMs, bf16 nn.Linear vs FP8Linear, eager: forward + backward, the
+    weight's version bumped after each (as an optimizer step does, so FP8Linear re-quantizes it).
+    TFLOP/s of the wall time, and per step the host time alone and the GPU kernel time."""
     rows = []
     for n, k in ((2048, 7168), (7168, 2048), (24576, 1536)):
         bf16 = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
@@ -183,9 +210,13 @@ def bench_linear(tokens: int = 4096) -> list[dict]:
         grad = torch.randn(tokens, n, device="cuda", dtype=torch.bfloat16)
         row = {"n": n, "k": k, "m": tokens}
         for name, layer in (("bf16", bf16), ("fp8", fp8)):
-            ms = do_bench(lambda: layer(x).backward(grad), warmup=25, rep=100, return_mode="median",  # noqa: B023
-                          grad_to_none=[x, bf16.weight])
-            row[name] = tflops(3 * tokens, n, k, ms)
+            def step(layer=layer, x=x, grad=grad, weight=bf16.weight):
+                x.grad = weight.grad = None
+                layer(x).backward(grad)
+                torch.autograd.graph.increment_version(weight)
+
+            row[name] = tflops(3 * tokens, n, k, do_bench(step, warmup=25, rep=100, return_mode="median"))
+            row[f"{name}_host_ms"], row[f"{name}_gpu_ms"] = host_ms(step), kernel_ms(step)
         rows.append(row)
     return rows
 
@@ -243,9 +274,11 @@ def print_tables(result: dict) -> None:
         print(f"| {r['m']} | {r['n']} | {r['k']} | {r['bf16']:.0f} | {r['scaled_mm_rowwise']:.0f} | {cub} | {tri} | "
               f"{r['ours']:.0f} | {r['ours_with_act_quant']:.0f} | {r['ours'] / r['bf16']:.2f}x | "
               f"{r['ours'] / H100_SXM_PEAK_TFLOPS['fp8']:.0%} | {r['ours_err']:.1e} |")
-    print("\n| linear fwd+bwd, 4096 tokens | bf16 nn.Linear | FP8Linear | speedup |\n|---|---|---|---|")
+    print("\n| linear fwd+bwd, 4096 tokens | bf16 nn.Linear | FP8Linear | speedup | host ms bf16 / fp8 | "
+          "GPU ms bf16 / fp8 |\n|---|---|---|---|---|---|")
     for r in result["linear"]:
-        print(f"| {r['k']}->{r['n']} | {r['bf16']:.0f} | {r['fp8']:.0f} | {r['fp8'] / r['bf16']:.2f}x |")
+        print(f"| {r['k']}->{r['n']} | {r['bf16']:.0f} | {r['fp8']:.0f} | {r['fp8'] / r['bf16']:.2f}x | "
+              f"{r['bf16_host_ms']:.2f} / {r['fp8_host_ms']:.2f} | {r['bf16_gpu_ms']:.2f} / {r['fp8_gpu_ms']:.2f} |")
     print("\n| grouped GEMM (256 experts, top-8, 4096 tokens) | M | N | K | bf16 _grouped_mm | ours | "
           "ours+act_quant | speedup | ours of FP8 peak | rel err |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in result["grouped"]:

@@ -3,14 +3,17 @@
 Forward and both backward GEMMs run in FP8 with the DeepSeek-V3 tiling (technical report,
 section 3.3): the three GEMMs of a linear layer share one blockwise-scaled kernel.
   forward  y  = x  @ W^T : x in 1x128 tiles (per token), W in 128x128 blocks.
-  dgrad    dx = dy @ W   : dy in 1x128 tiles, W^T in 128x128 blocks (the transpose of W's blocks:
-                           same scales and fp8 values, re-quantized straight from the transposed
-                           view, which is cheaper on the GPU than transposing the fp8 copy).
-  wgrad    dW = dy^T @ x : dy^T and x^T both in 1x128 tiles along the token dimension.
+  dgrad    dx = dy @ W   : dy in 1x128 tiles, W^T in 128x128 blocks (W's blocks transposed: same
+                           scales and fp8 values, quantized straight from the transposed view, which
+                           is cheaper on the GPU than transposing the fp8 copy).
+  wgrad    dW = dy^T @ x : dy^T and x^T both in 1x128 tiles along the token dimension, quantized
+                           straight from the transposed views (no copies on the GPU).
+The forward already quantizes x^T and keeps it for the weight gradient: 1 byte per element
+instead of x's 2 or 4. W^T is quantized with W, once per weight update.
 Accumulation is fp32 in every GEMM. The parameters are the master weights in the module's own
-dtype (fp32 or bf16); they are re-quantized from the master copy every forward, and the weight
-gradient comes back in the master dtype. Gates, norms, embeddings and output heads stay in high
-precision, as in V3 (`DEFAULT_SKIP`).
+dtype (fp32 or bf16); they are re-quantized from the master copy after every change, and the
+weight gradient comes back in the master dtype. Gates, norms, embeddings and output heads stay in
+high precision, as in V3 (`DEFAULT_SKIP`).
 """
 from collections.abc import Iterable
 from fnmatch import fnmatch
@@ -37,50 +40,56 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 class _FP8LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
-                out_dtype: torch.dtype):
+                wt_fp8: torch.Tensor | None, wt_scale: torch.Tensor | None, out_dtype: torch.dtype):
         x2 = x.reshape(-1, x.shape[-1])
         x_fp8, x_scale = act_quant(x2)
-        ctx.save_for_backward(x2, weight)
+        if ctx.needs_input_grad[1]:  # the weight gradient needs x along the tokens: kept in fp8
+            ctx.save_for_backward(wt_fp8, wt_scale, *act_quant(x2.t()))
+        else:
+            ctx.save_for_backward(wt_fp8, wt_scale)
         ctx.weight_dtype = weight.dtype
         ctx.x_dtype = x.dtype
         return fp8_gemm(x_fp8, x_scale, w_fp8, w_scale, out_dtype).unflatten(0, x.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        x2, weight = ctx.saved_tensors
+        wt_fp8, wt_scale, *xt = ctx.saved_tensors
         dy = grad_out.reshape(-1, grad_out.shape[-1])
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            dy_fp8, dy_scale = act_quant(dy)
-            wt_fp8, wt_scale = weight_quant(weight.t())  # = the forward's blocks transposed, bit for bit
-            grad_x = fp8_gemm(dy_fp8, dy_scale, wt_fp8, wt_scale, ctx.x_dtype)
-            grad_x = grad_x.unflatten(0, grad_out.shape[:-1])
+            grad_x = fp8_gemm(*act_quant(dy), wt_fp8, wt_scale, ctx.x_dtype).unflatten(0, grad_out.shape[:-1])
         if ctx.needs_input_grad[1]:
-            dyt_fp8, dyt_scale = act_quant(dy.t())  # quantized along tokens, straight from the
-            xt_fp8, xt_scale = act_quant(x2.t())  # transposed views (no copy on the GPU)
-            grad_w = fp8_gemm(dyt_fp8, dyt_scale, xt_fp8, xt_scale, ctx.weight_dtype)
-        return grad_x, grad_w, None, None, None
+            grad_w = fp8_gemm(*act_quant(dy.t()), *xt, ctx.weight_dtype)
+        return grad_x, grad_w, None, None, None, None, None
 
 
 class FP8Linear(nn.Linear):
     """nn.Linear whose three GEMMs run in FP8 (V3 block tiling); parameters stay the master weights.
 
     Same parameters, state-dict keys and init as nn.Linear. The bias is added in the output dtype.
-    The quantized weight is cached until the master weight changes (its storage or in-place
-    version), so inference and repeated forwards (MTP, gradient accumulation) quantize it once.
+    The quantized weight (and W^T, when an input gradient will be needed) is cached until the master
+    weight changes (its storage or in-place version), so inference, repeated forwards (MTP, gradient
+    accumulation) and the backward pass quantize it once per update. Training thus keeps two fp8
+    copies of each weight (1 byte per parameter each) beside the master weights.
     """
 
-    _fp8_weight: tuple | None = None  # (weight, data_ptr, version, (w_fp8, scale_inv))
+    _fp8_weight: tuple | None = None  # (weight, data_ptr, version, (w_fp8, scale_inv, wt_fp8, wt_scale_inv))
 
-    def quantized_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def quantized_weight(self, transpose: bool = False) -> tuple:
+        """(w_fp8, scale_inv, wt_fp8, wt_scale_inv); the last two are None unless `transpose` asked
+        for them (or an earlier call did, for this version of the weight)."""
         w = self.weight
         cached = self._fp8_weight
-        if cached is None or cached[0] is not w or cached[1:3] != (w.data_ptr(), w._version):
-            self._fp8_weight = cached = (w, w.data_ptr(), w._version, weight_quant(w.detach()))
+        if (cached is None or cached[0] is not w or cached[1:3] != (w.data_ptr(), w._version)
+                or (transpose and cached[3][2] is None)):
+            quantized = weight_quant(w.detach())
+            quantized += weight_quant(w.detach().t()) if transpose else (None, None)
+            self._fp8_weight = cached = (w, w.data_ptr(), w._version, quantized)
         return cached[3]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = _FP8LinearFunction.apply(x, self.weight, *self.quantized_weight(), _compute_dtype(x))
+        input_grad = torch.is_grad_enabled() and x.requires_grad  # then the backward multiplies by W^T
+        out = _FP8LinearFunction.apply(x, self.weight, *self.quantized_weight(input_grad), _compute_dtype(x))
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
     @classmethod

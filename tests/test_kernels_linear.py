@@ -56,11 +56,44 @@ def test_fp8_linear_master_weight_dtype_and_no_bias():
 def test_fp8_linear_requantizes_only_after_the_weight_changes():
     layer = FP8Linear(128, 64, bias=False)
     first = layer.quantized_weight()
-    assert layer.quantized_weight() is first
+    assert layer.quantized_weight() is first and first[2] is None  # no W^T unless asked for
+    with_t = layer.quantized_weight(transpose=True)
+    assert torch.equal(with_t[1], first[1]) and layer.quantized_weight() is with_t
+    assert torch.equal(with_t[3], with_t[1].t())
     with torch.no_grad():
         layer.weight.mul_(2)
     second = layer.quantized_weight()
-    assert second is not first and torch.equal(second[1], first[1] * 2)
+    assert second is not with_t and torch.equal(second[1], first[1] * 2)
+
+
+@pytest.mark.parametrize("x_grad,w_grad", [(True, False), (False, True), (True, True)])
+def test_fp8_linear_computes_only_the_gradients_asked_for(x_grad, w_grad):
+    """A frozen weight (dgrad only) or an input without grad (wgrad only) takes its own path."""
+    torch.manual_seed(3)
+    layer = FP8Linear(256, 130, bias=False)
+    layer.weight.requires_grad_(w_grad)
+    x = torch.randn(2, 70, 256, requires_grad=x_grad)
+    upstream = torch.randn(2, 70, 130)
+    (layer(x) * upstream).sum().backward()
+    assert (layer._fp8_weight[3][2] is not None) == x_grad  # W^T quantized only for an input gradient
+    x64, w64 = x.detach().double().requires_grad_(), layer.weight.detach().double().requires_grad_()
+    (nn.functional.linear(x64, w64) * upstream.double()).sum().backward()
+    assert (x.grad is not None) == x_grad and (layer.weight.grad is not None) == w_grad
+    if x_grad:
+        assert rel_err(x.grad, x64.grad) < 0.06
+    if w_grad:
+        assert rel_err(layer.weight.grad, w64.grad) < 0.06
+
+
+def test_fp8_linear_keeps_its_input_in_fp8_for_backward():
+    """The weight gradient's x^T is saved quantized (1 byte per element), not x itself."""
+    layer = FP8Linear(256, 128, bias=False)
+    x = torch.randn(300, 256, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(x)
+    assert not any(t.dtype == torch.float32 and t.numel() == x.numel() for t in saved)
+    assert any(t.dtype == torch.float8_e4m3fn and t.shape == (256, 300) for t in saved)
 
 
 class TinyMoEBlock(nn.Module):
