@@ -94,8 +94,8 @@ def _start_mma(wg: gl.constexpr, a_bufs, b_bufs, ready, step, i: gl.constexpr, d
     if i == 0:  # the stage's first MMA waits for its copies
         mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
     buf = slot * KS + i // N_SUB
-    return warpgroup_mma(a_bufs.index(buf).slice(wg * ROWS, ROWS), b_bufs[i % N_SUB].index(buf).permute((1, 0)), dead, use_acc=False,
-                         is_async=True)
+    return warpgroup_mma(a_bufs.index(buf).slice(wg * ROWS, ROWS), b_bufs[i % N_SUB].index(buf).permute((1, 0)),
+                         dead, use_acc=False, is_async=True)
 
 
 @gluon.jit
@@ -112,10 +112,10 @@ def _reorder(accs, last: gl.constexpr, pending: gl.constexpr):
 
 
 @gluon.jit
-def _stage(wg: gl.constexpr, accs, prods, a_bufs, b_bufs, ready, empty, step, kk, as_ptrs, b_scale_ptrs, stride_ask, stride_bsk,
-           k_blocks, STAGES: gl.constexpr, OVERLAP: gl.constexpr):
-    """Stage kk of the tile (`step` of the ring): KS K blocks x N_SUB products, each promoted into its accumulator,
-    accs[s] += product * a_scale[row] * b_scale[s] (V3, every 128 of K).
+def _stage(wg: gl.constexpr, accs, prods, a_bufs, b_bufs, ready, empty, step, kk, as_ptrs, b_scale_ptrs, stride_ask,
+           stride_bsk, k_blocks, STAGES: gl.constexpr, OVERLAP: gl.constexpr):
+    """Stage kk of the tile (`step` of the ring): KS K blocks x N_SUB products, each promoted into
+    its accumulator, accs[s] += product * a_scale[row] * b_scale[s] (V3, every 128 of K).
     OVERLAP (two product buffers): MMA i+1 runs on the tensor cores while product i is promoted.
     Otherwise each MMA is waited for, then promoted. Either way the stage ends with no MMA in flight."""
     KS: gl.constexpr = a_bufs.type.shape[0] // STAGES
@@ -140,7 +140,8 @@ def _stage(wg: gl.constexpr, accs, prods, a_bufs, b_bufs, ready, empty, step, kk
             prods = _replace(prods, i % 2, product)
         else:
             accs = _reorder(accs, (i + N_SUB - 1) % N_SUB, 0)
-            product = warpgroup_mma_wait(0, deps=(_start_mma(wg, a_bufs, b_bufs, ready, step, i, prods[0], STAGES), ))
+            product = _start_mma(wg, a_bufs, b_bufs, ready, step, i, prods[0], STAGES)
+            product = warpgroup_mma_wait(0, deps=(product, ))
             prods = (product, )
         if i == MMAS - 1:
             mbarrier.arrive(empty.index(step % STAGES))  # every MMA reading this stage is done
