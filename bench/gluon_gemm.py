@@ -21,6 +21,7 @@ this uses), so it would tie r1pipe to one Triton version for no gain where cuBLA
 exists. Blockwise (128x128) weight scales only. Results: docs/PERFORMANCE.md, section 2.
 """
 import argparse
+import functools
 import json
 import os
 import sys
@@ -45,7 +46,6 @@ from r1pipe.kernels.triton_fp8 import _tile_position  # noqa: E402 (a triton.jit
 LOADER_REGISTERS = gl.constexpr(24)  # the TMA-issuing warp needs few; the math warps get the rest
 MATH_REGISTERS = gl.constexpr(232)  # a math warpgroup of its own (MATH_PARTITIONS=2)
 BM = 128  # rows per tile: 8 math warps, two warpgroups of 64 rows
-SHARED_MEMORY = 232448 - 1024  # H100's per-block limit, less the barriers
 CONFIGS = {  # name: (SUB_N, N_SUB, KS, STAGES, OVERLAP, MATH_PARTITIONS); the tile is BM x (N_SUB * SUB_N),
     # a ring stage holds KS K blocks
     "128x128 KS2": (128, 1, 2, 3, True, 1), "128x256 4xn64 KS2": (64, 4, 2, 2, True, 1),
@@ -231,6 +231,12 @@ def fp8_gemm_ws_kernel(a_desc, b_desc, c_desc, as_ptr, bs_ptr, M, N, K, stride_a
 _GL_DTYPES = {torch.float8_e4m3fn: gl.float8e4nv, torch.bfloat16: gl.bfloat16, torch.float32: gl.float32}
 
 
+@functools.cache
+def _shared_memory(device_index: int) -> int:
+    """Shared memory a block may use (227 KB on H100/H200), less 1 KB for the barriers."""
+    return torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin - 1024
+
+
 def fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, config=CONFIGS["128x256 4xn64 KS2"]):
     """A [M, K] x B [N, K]^T with 1x128 A scales (any strides) and 128x128 B scales; persistent grid.
     The ring holds as many stages (up to the configuration's) as fit beside the output buffer."""
@@ -239,7 +245,7 @@ def fp8_gemm_ws(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, config=CONFIGS
     n = b.shape[0]
     out = torch.empty(m, n, dtype=out_dtype, device=a.device)
     stage_bytes = ks * (BM + n_sub * sub_n) * GEMM_BLOCK_K
-    stages = min(stages, (SHARED_MEMORY - BM * sub_n * out.element_size()) // stage_bytes)
+    stages = min(stages, (_shared_memory(a.get_device()) - BM * sub_n * out.element_size()) // stage_bytes)
     blocks = ((a, [BM, GEMM_BLOCK_K]), (b, [sub_n, GEMM_BLOCK_K]), (out, [BM // partitions, sub_n]))
     descs = [TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, _GL_DTYPES[t.dtype]))
              for t, block in blocks]

@@ -187,15 +187,21 @@ def host_ms(fn, calls: int = 30) -> float:
     return elapsed / calls * 1e3
 
 
-def kernel_ms(fn, calls: int = 10) -> float:
-    """GPU time per fn(): the sum of its kernels' times (torch.profiler), gaps between them left out."""
-    fn()
+def profiled_kernels(fn, calls: int = 10):
+    """torch.profiler's per-kernel averages of `calls` runs of fn(), after warm-up runs."""
+    for _ in range(3):
+        fn()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-    return sum(event.self_device_time_total for event in prof.key_averages()) / calls / 1e3
+    return prof.key_averages()
+
+
+def kernel_ms(fn, calls: int = 10) -> float:
+    """GPU time per fn(): the sum of its kernels' times, gaps between them left out."""
+    return sum(event.self_device_time_total for event in profiled_kernels(fn, calls)) / calls / 1e3
 
 
 def bench_linear(tokens: int = 4096) -> list[dict]:
@@ -226,14 +232,8 @@ def profile_linear(tokens: int = 4096, n: int = 2048, k: int = 7168) -> str:
     layer = FP8Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
     x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn(tokens, n, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        layer(x).backward(grad)
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(10):
-            layer(x).backward(grad)
-        torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=70)
+    kernels = profiled_kernels(lambda: layer(x).backward(grad))
+    return kernels.table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=70)
 
 
 def bench_grouped(tokens: int = 4096, experts: int = 256, topk: int = 8) -> list[dict]:

@@ -330,18 +330,15 @@ def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, M, N, K, M_BUCKET, str
         tl.atomic_add(c_ptrs, acc, mask=mask, sem="relaxed")
 
 
-def _gemm_operands(a_fp8, a_scale, b_fp8, b_scale):
-    """2-D operands with unit stride along K; the scales keep whichever layout they come in."""
-    k = a_fp8.shape[-1]
-    a2 = a_fp8.reshape(-1, k)
-    as2 = a_scale.reshape(-1, a_scale.shape[-1])
-    a2, b = (t if t.stride(-1) == 1 else t.contiguous() for t in (a2, b_fp8))
-    return a2, as2, b, b_scale
+def _unit_k_stride(*operands: torch.Tensor):
+    """The FP8 operands with unit stride along K (the kernels' loads assume it); the callers pass
+    2-D activations, and the scales keep whichever layout they come in."""
+    return (t if t.stride(-1) == 1 else t.contiguous() for t in operands)
 
 
-def fp8_gemm(a2, as2, b_fp8, b_scale, out_dtype):
+def fp8_gemm(a2, as2, b_fp8, bs, out_dtype):
     """A [M, K] (2-D: `r1pipe.kernels.fp8.fp8_gemm` flattens the leading dimensions) x B[N, K]^T."""
-    a2, as2, b, bs = _gemm_operands(a2, as2, b_fp8, b_scale)
+    a2, b = _unit_k_stride(a2, b_fp8)
     m, k = a2.shape
     n = b.shape[0]
     if m <= SMALL_M:  # the autotuner may pick a split-K config, which adds into zeros
@@ -407,8 +404,8 @@ def _expert_tiles(offsets: torch.Tensor, m: int, bm: int):
     return torch.where(used, expert, -1).int(), row.int()
 
 
-def fp8_grouped_gemm(a_fp8, a_scale, b_fp8, b_scale, offsets, out_dtype):
-    a2, as2, b, bs = _gemm_operands(a_fp8, a_scale, b_fp8, b_scale)
+def fp8_grouped_gemm(a2, as2, b_fp8, bs, offsets, out_dtype):
+    a2, b = _unit_k_stride(a2, b_fp8)
     m, k = a2.shape
     experts, n = b.shape[:2]
     out = torch.empty(m, n, dtype=out_dtype, device=a2.device)
