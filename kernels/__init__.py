@@ -8,7 +8,7 @@ from r1pipe.kernels.fp8 import (
     weight_dequant,
     weight_quant,
 )
-from r1pipe.kernels.linear import DEFAULT_SKIP, FP8Linear, convert_to_fp8_linear
+from r1pipe.kernels.linear import DEFAULT_SKIP, FP8Linear, convert_to_fp8_linear, refresh_fp8_weights
 
 __all__ = [
     "DEFAULT_SKIP",
@@ -20,6 +20,7 @@ __all__ = [
     "fp8_gemm",
     "fp8_grouped_gemm",
     "quantize_state_dict_fp8",
+    "refresh_fp8_weights",
     "weight_dequant",
     "weight_quant",
 ]

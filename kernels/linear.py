@@ -21,6 +21,7 @@ from fnmatch import fnmatch
 import torch
 from r1pipe.kernels.fp8 import act_quant, fp8_gemm, weight_quant
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 # Module names (fnmatch patterns on the dotted name) that V3 keeps in high precision: the
 # embedding, output head (and MTP's shared head), the MoE router and MTP's eh_proj.
@@ -29,6 +30,20 @@ DEFAULT_SKIP = ("*embed_tokens", "*lm_head", "*shared_head.head", "gate", "*.gat
 
 def is_skipped(module_name: str, skip: Iterable[str]) -> bool:
     return any(fnmatch(module_name, pattern) for pattern in skip)
+
+
+# Bumped after every torch.optim optimizer step in this process. A weight's in-place version alone
+# cannot tell that it changed: fused AdamW (`fused=True`) and DeepSpeed's optimizers write the
+# parameters without bumping it, and a cached FP8 copy would then stay stale for the rest of training.
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -68,24 +83,30 @@ class FP8Linear(nn.Linear):
 
     Same parameters, state-dict keys and init as nn.Linear. The bias is added in the output dtype.
     The quantized weight (and W^T, when an input gradient will be needed) is cached until the master
-    weight changes (its storage or in-place version), so inference, repeated forwards (MTP, gradient
-    accumulation) and the backward pass quantize it once per update. Training thus keeps two fp8
-    copies of each weight (1 byte per parameter each) beside the master weights.
+    weight changes: another tensor or storage, an in-place version, or any optimizer step in the
+    process. Inference, repeated forwards (MTP, gradient accumulation) and the backward pass thus
+    quantize it once per update; training keeps two fp8 copies of each weight (1 byte per parameter
+    each) beside the master weights. After editing weights through `.data` (which none of those
+    checks sees), call `refresh_fp8_weights`. While a CUDA graph is captured nothing is cached, so
+    every replay quantizes the weight as it is at replay time.
     """
 
-    _fp8_weight: tuple | None = None  # (weight, data_ptr, version, (w_fp8, scale_inv, wt_fp8, wt_scale_inv))
+    # (weight, data_ptr, version, optimizer steps, (w_fp8, scale_inv, wt_fp8, wt_scale_inv))
+    _fp8_weight: tuple | None = None
 
     def quantized_weight(self, transpose: bool = False) -> tuple:
         """(w_fp8, scale_inv, wt_fp8, wt_scale_inv); the last two are None unless `transpose` asked
         for them (or an earlier call did, for this version of the weight)."""
         w = self.weight
         cached = self._fp8_weight
-        if (cached is None or cached[0] is not w or cached[1:3] != (w.data_ptr(), w._version)
-                or (transpose and cached[3][2] is None)):
-            quantized = weight_quant(w.detach())
-            quantized += weight_quant(w.detach().t()) if transpose else (None, None)
-            self._fp8_weight = cached = (w, w.data_ptr(), w._version, quantized)
-        return cached[3]
+        state = (w.data_ptr(), w._version, _optimizer_steps)
+        if cached is not None and cached[0] is w and cached[1:4] == state and (cached[4][2] is not None or not transpose):
+            return cached[4]
+        quantized = weight_quant(w.detach())
+        quantized += weight_quant(w.detach().t()) if transpose else (None, None)
+        if not (w.is_cuda and torch.cuda.is_current_stream_capturing()):
+            self._fp8_weight = (w, *state, quantized)
+        return quantized
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         input_grad = torch.is_grad_enabled() and x.requires_grad  # then the backward multiplies by W^T
@@ -111,3 +132,12 @@ def convert_to_fp8_linear(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP) 
         parent_name, _, child_name = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child_name, FP8Linear.from_linear(module))
     return [name for name, _ in targets]
+
+
+def refresh_fp8_weights(model: nn.Module) -> None:
+    """Make every FP8Linear in `model` re-quantize its weight at its next forward: needed after
+    in-place edits through `.data` (PEFT's adapter merge, EMA updates, hand-made edits), which
+    leave a tensor's version counter as it was."""
+    for module in model.modules():
+        if isinstance(module, FP8Linear):
+            module._fp8_weight = None

@@ -12,7 +12,9 @@ from r1pipe.kernels import (
     FP8Linear,
     convert_to_fp8_linear,
     quantize_state_dict_fp8,
+    refresh_fp8_weights,
     weight_dequant,
+    weight_quant,
 )
 
 
@@ -66,6 +68,33 @@ def test_fp8_linear_requantizes_only_after_the_weight_changes():
     assert second is not with_t and torch.equal(second[1], first[1] * 2)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_fp8_linear_requantizes_after_every_optimizer_step(fused):
+    """Fused AdamW writes the weight without bumping its version: the optimizer-step count must
+    still invalidate the cached FP8 copy, or training would keep multiplying by the first weights."""
+    torch.manual_seed(4)
+    layer = FP8Linear(128, 64, bias=False)
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.5, fused=fused)
+    x = torch.randn(8, 128)
+    layer(x).square().sum().backward()
+    before = layer.quantized_weight()[0].float()
+    optimizer.step()
+    after = layer.quantized_weight()
+    fresh = weight_quant(layer.weight.detach())
+    assert not torch.equal(after[0].float(), before)
+    assert torch.equal(after[0].float(), fresh[0].float()) and torch.equal(after[1], fresh[1])
+
+
+def test_refresh_fp8_weights_after_a_data_edit():
+    model = nn.Sequential(FP8Linear(128, 64, bias=False))
+    layer = model[0]
+    first = layer.quantized_weight()
+    layer.weight.data.mul_(2)  # .data: the version counter does not move
+    assert layer.quantized_weight() is first
+    refresh_fp8_weights(model)
+    assert torch.equal(layer.quantized_weight()[1], first[1] * 2)
+
+
 @pytest.mark.parametrize("x_grad,w_grad", [(True, False), (False, True), (True, True)])
 def test_fp8_linear_computes_only_the_gradients_asked_for(x_grad, w_grad):
     """A frozen weight (dgrad only) or an input without grad (wgrad only) takes its own path."""
@@ -75,7 +104,7 @@ def test_fp8_linear_computes_only_the_gradients_asked_for(x_grad, w_grad):
     x = torch.randn(2, 70, 256, requires_grad=x_grad)
     upstream = torch.randn(2, 70, 130)
     (layer(x) * upstream).sum().backward()
-    assert (layer._fp8_weight[3][2] is not None) == x_grad  # W^T quantized only for an input gradient
+    assert (layer.quantized_weight()[2] is not None) == x_grad  # W^T quantized only for an input gradient
     x64, w64 = x.detach().double().requires_grad_(), layer.weight.detach().double().requires_grad_()
     (nn.functional.linear(x64, w64) * upstream.double()).sum().backward()
     assert (x.grad is not None) == x_grad and (layer.weight.grad is not None) == w_grad
