@@ -104,6 +104,7 @@ def _random_gemm_inputs(m: int, n: int, k: int):
 
 
 GEMM_ROUNDS = 3  # contenders take turns; each reports the median of its rounds (clock drift hits all alike)
+# (--rounds sets it)
 
 
 def tflops_in_turns(timed: dict, m: int, n: int, k: int) -> dict:
@@ -204,10 +205,22 @@ def kernel_ms(fn, calls: int = 10) -> float:
     return sum(event.self_device_time_total for event in profiled_kernels(fn, calls)) / calls / 1e3
 
 
+def graph_ms(fn) -> float:
+    """Median time of fn() captured once in a CUDA graph and replayed: no host launch cost."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
+
+
 def bench_linear(tokens: int = 4096) -> list[dict]:
-    """A training step's three GEMMs, bf16 nn.Linear vs FP8Linear, eager: forward + backward, the
-    weight's version bumped after each (as an optimizer step does, so FP8Linear re-quantizes it).
-    TFLOP/s of the wall time, and per step the host time alone and the GPU kernel time."""
+    """A training step's three GEMMs, bf16 nn.Linear vs FP8Linear: forward + backward, the weight's
+    version bumped after each (as an optimizer step does, so FP8Linear re-quantizes it). TFLOP/s of
+    the eager wall time and of a CUDA-graph replay of the step (FP8Linear re-quantizes the weight in
+    every replay), and per eager step the host time alone and the GPU kernel time."""
     rows = []
     for n, k in ((2048, 7168), (7168, 2048), (24576, 1536)):
         bf16 = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
@@ -222,6 +235,7 @@ def bench_linear(tokens: int = 4096) -> list[dict]:
                 torch.autograd.graph.increment_version(weight)
 
             row[name] = tflops(3 * tokens, n, k, do_bench(step, warmup=25, rep=100, return_mode="median"))
+            row[f"{name}_graph"] = tflops(3 * tokens, n, k, graph_ms(step))
             row[f"{name}_host_ms"], row[f"{name}_gpu_ms"] = host_ms(step), kernel_ms(step)
         rows.append(row)
     return rows
@@ -274,10 +288,11 @@ def print_tables(result: dict) -> None:
         print(f"| {r['m']} | {r['n']} | {r['k']} | {r['bf16']:.0f} | {r['scaled_mm_rowwise']:.0f} | {cub} | {tri} | "
               f"{r['ours']:.0f} | {r['ours_with_act_quant']:.0f} | {r['ours'] / r['bf16']:.2f}x | "
               f"{r['ours'] / H100_SXM_PEAK_TFLOPS['fp8']:.0%} | {r['ours_err']:.1e} |")
-    print("\n| linear fwd+bwd, 4096 tokens | bf16 nn.Linear | FP8Linear | speedup | host ms bf16 / fp8 | "
-          "GPU ms bf16 / fp8 |\n|---|---|---|---|---|---|")
+    print("\n| linear fwd+bwd, 4096 tokens | eager bf16 / FP8Linear | speedup | CUDA graph bf16 / FP8Linear | "
+          "speedup | host ms bf16 / fp8 | GPU ms bf16 / fp8 |\n|---|---|---|---|---|---|---|")
     for r in result["linear"]:
-        print(f"| {r['k']}->{r['n']} | {r['bf16']:.0f} | {r['fp8']:.0f} | {r['fp8'] / r['bf16']:.2f}x | "
+        print(f"| {r['k']}->{r['n']} | {r['bf16']:.0f} / {r['fp8']:.0f} | {r['fp8'] / r['bf16']:.2f}x | "
+              f"{r['bf16_graph']:.0f} / {r['fp8_graph']:.0f} | {r['fp8_graph'] / r['bf16_graph']:.2f}x | "
               f"{r['bf16_host_ms']:.2f} / {r['fp8_host_ms']:.2f} | {r['bf16_gpu_ms']:.2f} / {r['fp8_gpu_ms']:.2f} |")
     print("\n| grouped GEMM (256 experts, top-8, 4096 tokens) | M | N | K | bf16 _grouped_mm | ours | "
           "ours+act_quant | speedup | ours of FP8 peak | rel err |\n|---|---|---|---|---|---|---|---|---|---|")
@@ -299,6 +314,7 @@ def print_tma_configs(rows: list[dict]) -> None:
 
 
 def main() -> None:
+    global EAGER, L2_HOT, GEMM_ROUNDS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="also write the raw numbers here")
     parser.add_argument("--quick", action="store_true", help="only M=4096 for the dense GEMMs")
@@ -306,9 +322,9 @@ def main() -> None:
     parser.add_argument("--l2-hot", action="store_true", help="reuse one set of inputs (operands may stay in L2)")
     parser.add_argument("--sections", default="quant,gemm,grouped,linear", help="comma-separated subset to run")
     parser.add_argument("--tma-configs", action="store_true", help="also time each Triton TMA tile configuration")
+    parser.add_argument("--rounds", type=int, default=GEMM_ROUNDS, help="turns of the dense GEMM contenders")
     args = parser.parse_args()
-    global EAGER, L2_HOT
-    EAGER, L2_HOT = args.eager, args.l2_hot
+    EAGER, L2_HOT, GEMM_ROUNDS = args.eager, args.l2_hot, args.rounds
     if not torch.cuda.is_available():
         raise SystemExit("bench/kernels.py needs a CUDA GPU")
     torch.manual_seed(0)

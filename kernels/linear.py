@@ -98,13 +98,15 @@ class FP8Linear(nn.Linear):
         """(w_fp8, scale_inv, wt_fp8, wt_scale_inv); the last two are None unless `transpose` asked
         for them (or an earlier call did, for this version of the weight)."""
         w = self.weight
+        capturing = w.is_cuda and torch.cuda.is_current_stream_capturing()
         cached = self._fp8_weight
         state = (w.data_ptr(), w._version, _optimizer_steps)
-        if cached is not None and cached[0] is w and cached[1:4] == state and (cached[4][2] is not None or not transpose):
+        if (not capturing and cached is not None and cached[0] is w and cached[1:4] == state
+                and (cached[4][2] is not None or not transpose)):
             return cached[4]
         quantized = weight_quant(w.detach())
         quantized += weight_quant(w.detach().t()) if transpose else (None, None)
-        if not (w.is_cuda and torch.cuda.is_current_stream_capturing()):
+        if not capturing:
             self._fp8_weight = (w, *state, quantized)
         return quantized
 

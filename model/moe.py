@@ -67,13 +67,14 @@ class Gate(nn.Module):
 def grouped_mm(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Rows of x (sorted by expert, `counts[e]` rows for expert e) times weight[e]^T, weight [E, out, in].
 
-    CUDA bf16: torch._grouped_mm (one kernel for all experts). Elsewhere (CPU, fp32/fp64 tests): the
-    rows are scattered into a zero-padded [E, max_count, in] batch for one torch.bmm, since
-    torch._grouped_mm has no CPU backward here."""
+    CUDA bf16: torch._grouped_mm (one kernel for all experts); fp32 master weights are cast to bf16
+    first, as autocast does for a matmul (autocast does not cover _grouped_mm, which takes bf16 only).
+    Elsewhere (CPU, fp32/fp64 tests): the rows are scattered into a zero-padded [E, max_count, in]
+    batch for one torch.bmm, since torch._grouped_mm has no CPU backward here."""
     aligned = x.shape[1] % 8 == 0 and weight.shape[1] % 8 == 0  # _grouped_mm wants 16-byte row strides
     if x.is_cuda and x.dtype == torch.bfloat16 and aligned and hasattr(torch, "_grouped_mm"):
         offsets = counts.cumsum(0).to(torch.int32)
-        return torch._grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
+        return torch._grouped_mm(x, weight.to(x.dtype).transpose(-2, -1), offs=offsets)
     num_experts = weight.shape[0]
     expert_of_row = torch.repeat_interleave(torch.arange(num_experts, device=x.device), counts)
     starts = counts.cumsum(0) - counts

@@ -45,6 +45,7 @@ class ModelPlan:
     layers: int = 0
     heads: int = 0
     vocab: int = 0
+    fp8_linear: int = 0  # weights that train.precision fp8 would run through FP8Linear
     notes: list[str] = field(default_factory=list)
 
 
@@ -123,6 +124,7 @@ def plan_model(path: str, lora: bool = False) -> ModelPlan:
             vocab=config.vocab_size,
         )
     plan.trainable = plan.total + plan.mtp
+    plan.fp8_linear = _fp8_linear_params(module)
     if lora:
         plan.notes.append("LoRA: only adapters train (optimizer memory ~0)")
         plan.trainable = 0
@@ -145,6 +147,14 @@ def _count(n: int) -> str:
     return f"{n / 1e9:,.2f}B" if n >= 1e8 else f"{n / 1e6:,.2f}M"
 
 
+def _fp8_linear_params(module: torch.nn.Module) -> int:
+    from r1pipe.kernels import DEFAULT_SKIP
+    from r1pipe.kernels.linear import is_skipped
+
+    return sum(m.weight.numel() for name, m in module.named_modules()
+               if type(m) is torch.nn.Linear and not is_skipped(name, DEFAULT_SKIP))
+
+
 def memory_per_device(plan: ModelPlan, cfg, gpus: int) -> dict[str, float]:
     """Bytes per device for weights, gradients, optimizer states and activations."""
     train = getattr(cfg, "train", None)
@@ -161,6 +171,8 @@ def memory_per_device(plan: ModelPlan, cfg, gpus: int) -> dict[str, float]:
     master = trainable * 4 if wbytes == 2 else 0
     optim = (trainable * 8 + master) / (shard if zero >= 1 else 1)
     out = {"weights": weights, "gradients": grads, "optimizer (AdamW)": optim}
+    if precision == "fp8":
+        out["FP8 weight copies (W and W^T, 1 byte each)"] = 2 * plan.fp8_linear
     tokens = micro_batch_tokens(cfg)
     if tokens and plan.hidden:
         seq = max_sequence_length(cfg) or 1

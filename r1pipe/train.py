@@ -22,7 +22,7 @@ API (what a stage uses; GRPO reuses all of it with its own loss):
 
 Helpers: `lm_loss` (the pretrain/SFT loss_fn), `Trainer.all_reduce_sum` (e.g. token counts across
 ranks, so a global token-weighted mean is exact), `trainer.rank/world_size/is_main/device`,
-`trainer.autocast()` (bf16 autocast context when `train.precision: bf16` without DeepSpeed),
+`trainer.autocast()` (bf16 autocast context when `train.precision` is bf16 or fp8, without DeepSpeed),
 `trainer.progress(total)` (a tqdm bar on rank 0).
 """
 
@@ -111,8 +111,11 @@ class TrainSection(Section):
     adam_betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
     adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     max_grad_norm: float = Field(1.0, ge=0, description="Clip the global gradient norm (0 = no clipping).")
-    precision: Literal["fp32", "bf16"] = Field(
-        "fp32", description="bf16: autocast (single process) or DeepSpeed bf16 with fp32 master weights."
+    precision: Literal["fp32", "bf16", "fp8"] = Field(
+        "fp32", description="bf16: autocast (single process) or DeepSpeed bf16 with fp32 master weights. "
+        "fp8: bf16 autocast with the dense Linear layers' three GEMMs in FP8 (DeepSeek-V3 block scaling, "
+        "r1pipe.kernels.FP8Linear; embeddings, output head, MoE router and MTP eh_proj stay bf16); one "
+        "process on a CUDA GPU with FP8 tensor cores (compute capability 8.9+: L4, L40, H100, H200)."
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available.")
     log_every: int = Field(1, gt=0, description="Write metrics every N steps.")
@@ -154,10 +157,14 @@ def resolve_model_path(path: str) -> str:
         ) from None
 
 
-def load_trainable_policy(model: ModelSection, device: torch.device | str = "cpu", tokenizer=None):
-    """Load the policy (our V3 or an HF causal LM) ready for training: LoRA and checkpointing applied.
+def load_trainable_policy(model: ModelSection, device: torch.device | str = "cpu", tokenizer=None,
+                          fp8: bool = False):
+    """Load the policy (our V3 or an HF causal LM) ready for training: FP8 linears, LoRA and
+    checkpointing applied.
 
     A V3 preset starts from fresh weights; its vocabulary and special-token ids follow `tokenizer`.
+    `fp8` swaps the dense Linear layers for FP8Linear (`fp8_skip`) before LoRA wraps them, so the
+    adapters themselves stay in high precision.
     """
     from r1pipe.model.config import ConfigError, preset_names
     from r1pipe.model.policy import PolicyError, load_policy
@@ -182,6 +189,11 @@ def load_trainable_policy(model: ModelSection, device: torch.device | str = "cpu
         if enable is None:
             raise RecipeError(f"model.gradient_checkpointing: {type(policy.module).__name__} does not support it")
         enable()
+    if fp8:
+        from r1pipe.kernels import convert_to_fp8_linear
+
+        if not convert_to_fp8_linear(policy.module, fp8_skip(model, policy, device)):
+            raise RecipeError(f"train.precision: fp8 found no Linear layer to run in FP8 in {model.path!r}")
     if model.lora is not None:
         from peft import LoraConfig, get_peft_model
 
@@ -194,6 +206,29 @@ def load_trainable_policy(model: ModelSection, device: torch.device | str = "cpu
         )
         policy.module = get_peft_model(policy.module, lora)
     return policy
+
+
+def compiles_moe(model: ModelSection, policy, device: torch.device | str, zero3: bool = False) -> bool:
+    """Whether the trainer torch.compiles the policy's MoE layers (`model.compile_moe`)."""
+    return model.compile_moe and torch.device(device).type == "cuda" and policy.is_deepseek and not zero3
+
+
+def fp8_skip(model: ModelSection, policy, device: torch.device | str) -> tuple[str, ...]:
+    """Module-name patterns kept out of FP8: V3's high-precision modules, and the shared experts
+    of MoE layers that get compiled (FP8Linear's kernel launchers are not traced by torch.compile)."""
+    from r1pipe.kernels import DEFAULT_SKIP
+
+    return DEFAULT_SKIP + (("*.mlp.shared_experts.*",) if compiles_moe(model, policy, device) else ())
+
+
+def check_fp8_device(device: torch.device) -> None:
+    """FP8 GEMMs need FP8 tensor cores; elsewhere r1pipe.kernels only has its slow reference path."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+        where = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+        raise RecipeError(
+            f"train.precision: fp8 needs a CUDA GPU with FP8 tensor cores (compute capability 8.9+), "
+            f"this run is on {where}; use bf16"
+        )
 
 
 def load_tokenizer(model: ModelSection):
@@ -330,12 +365,17 @@ class Trainer:
         self.accumulation = train.batch_size // per_step
         if self.world_size > 1 and train.deepspeed is None:
             raise RecipeError("train.deepspeed: a multi-process launch needs a deepspeed section (zero_stage: 2|3)")
+        if train.precision == "fp8":
+            if train.deepspeed is not None:
+                raise RecipeError("train.precision: fp8 runs in one process (not verified under DeepSpeed); "
+                                  "use bf16 with train.deepspeed")
+            check_fp8_device(self.device)
         if train.deepspeed is not None:
             self._require_deepspeed()
         torch.manual_seed(seed)
-        self.policy = load_trainable_policy(model, self.device, tokenizer)
+        self.policy = load_trainable_policy(model, self.device, tokenizer, fp8=train.precision == "fp8")
         zero3 = train.deepspeed is not None and train.deepspeed.zero_stage == 3
-        if model.compile_moe and self.device.type == "cuda" and self.policy.is_deepseek and not zero3:
+        if compiles_moe(model, self.policy, self.device, zero3):
             self.policy.model.compile_moe()  # ZeRO-3's parameter hooks and compiled graphs do not mix
         self.optimizer = build_optimizer(self.policy.module, train)
         self.scheduler = build_scheduler(self.optimizer, train)
@@ -376,8 +416,8 @@ class Trainer:
     # -- one optimizer step ---------------------------------------------------------------------
 
     def autocast(self):
-        """bf16 autocast for single-process bf16 runs (DeepSpeed casts the model itself)."""
-        if self.train_cfg.precision == "bf16" and self.engine is None:
+        """bf16 autocast for single-process bf16 and fp8 runs (DeepSpeed casts the model itself)."""
+        if self.train_cfg.precision in ("bf16", "fp8") and self.engine is None:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -542,6 +582,10 @@ class Trainer:
             if self.is_main:
                 directory.mkdir(parents=True, exist_ok=True)
                 final = module.merge_and_unload() if self.model_cfg.lora is not None else module
+                if self.model_cfg.lora is not None and self.train_cfg.precision == "fp8":
+                    from r1pipe.kernels import refresh_fp8_weights
+
+                    refresh_fp8_weights(final)  # the merge wrote the weights through .data
                 Policy(final).save_pretrained(directory)
                 if tokenizer is not None:
                     tokenizer.save_pretrained(directory)

@@ -182,3 +182,26 @@ def test_fp8_linear_grads_on_gpu(autocast):
     assert rel_err(x.grad, x64.grad) < 0.06
     assert rel_err(linear.weight.grad, w64.grad) < 0.06
     assert linear.weight.grad.dtype == torch.float32
+
+
+def test_fp8_linear_in_a_cuda_graph_uses_the_weight_at_replay_time():
+    """A captured forward re-quantizes the weight in every replay: after a fused AdamW step (in
+    place, no version bump) the replay equals an eager forward with the new weight, bit for bit."""
+    layer = FP8Linear(512, 384, bias=False, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(512, 512, device="cuda", dtype=torch.bfloat16)
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1, fused=True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(side):
+        for _ in range(2):  # compile, autotune and pick the GEMM backend outside the graph
+            layer(x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        out = layer(x)
+    layer(x).float().square().sum().backward()
+    optimizer.step()
+    graph.replay()
+    with torch.no_grad():
+        expected = layer(x)
+    assert torch.equal(out, expected)
