@@ -215,7 +215,8 @@ def compiles_moe(model: ModelSection, policy, device: torch.device | str, zero3:
 
 def fp8_skip(model: ModelSection, policy, device: torch.device | str) -> tuple[str, ...]:
     """Module-name patterns kept out of FP8: V3's high-precision modules, and the shared experts
-    of MoE layers that get compiled (FP8Linear's kernel launchers are not traced by torch.compile)."""
+    of MoE layers that get compiled (FP8Linear, with its Triton launches and per-shape backend
+    timing, is not verified under torch.compile)."""
     from r1pipe.kernels import DEFAULT_SKIP
 
     return DEFAULT_SKIP + (("*.mlp.shared_experts.*",) if compiles_moe(model, policy, device) else ())
