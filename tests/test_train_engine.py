@@ -258,6 +258,18 @@ def test_fp8_precision_trains_through_fp8_linears(tiny_qwen, shared_data, tmp_pa
     assert_fp8_weights_current(module)
 
 
+def test_fp8_precision_with_gradient_checkpointing_gives_the_same_step(tiny_qwen, shared_data, tmp_path, monkeypatch):
+    """Recomputed forwards reuse the step's cached FP8 weights: loss and gradient norm are unchanged."""
+    monkeypatch.setattr(train_module, "check_fp8_device", lambda device: None)
+    tokenizer = build_tokenizer()
+    rows, _ = build_sft_rows(DataSection(**gsm8k_sft(shared_data, rows=8)), tokenizer, seed=0)
+    batches = BatchStream(rows, 4, seed=0, pad_id=tokenizer.pad_token_id).next_step(4)
+    results = [new_trainer(tmp_path, {"path": str(tiny_qwen), "gradient_checkpointing": checkpointing},
+                           {"max_steps": 1, "batch_size": 4, "micro_batch_size": 4, "precision": "fp8"},
+                           name=f"ckpt{checkpointing}").train_step(batches) for checkpointing in (False, True)]
+    assert results[0]["loss"] == results[1]["loss"] and results[0]["grad_norm"] == results[1]["grad_norm"]
+
+
 def test_fp8_precision_with_lora_keeps_adapters_high_precision(tiny_qwen, shared_data, tmp_path, monkeypatch):
     monkeypatch.setattr(train_module, "check_fp8_device", lambda device: None)
     tokenizer = build_tokenizer()
