@@ -43,6 +43,9 @@ def check(gold, prediction, timeout):
 
 def main():
     read, write = sys.stdin.buffer.read, sys.stdout.buffer
+    ready = marshal.dumps("ready")  # math-verify imported: the parent may send requests
+    write.write(struct.pack("<I", len(ready)) + ready)
+    write.flush()
     while True:
         header = read(4)
         if len(header) < 4:

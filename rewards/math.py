@@ -5,12 +5,15 @@ thousands separators, percent, `\\text{}` wrappers, sets, intervals). It runs in
 (`_verify_worker.py`): math-verify's own timeout uses SIGALRM, which only works in the main thread
 and cannot interrupt a C-level regex or sympy loop, so a worker that overruns the time limit is
 killed and replaced. A verification therefore never crashes and never hangs; it returns None when it
-cannot decide (unparseable gold, timeout, error).
+cannot decide (unparseable gold, timeout, error). A worker that cannot start at all (math-verify
+not importable) is a setup error: RewardError, which stops the stage with one line, instead of
+every answer silently scoring as undecided.
 """
 
 from __future__ import annotations
 
 import atexit
+import json
 import marshal
 import os
 import queue
@@ -19,9 +22,12 @@ import select
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
+
+from r1pipe.rewards.registry import RewardError
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*")
 _GSM8K_FINAL = re.compile(r"####\s*(.+?)\s*$", re.DOTALL)
@@ -107,21 +113,44 @@ def _clean(answer: str | None) -> str | None:
 # Verification in worker processes
 
 _WORKER = Path(__file__).with_name("_verify_worker.py")
+WORKER_START_S = 120.0  # importing math-verify (sympy) takes seconds on a loaded machine
+# The worker runs isolated (-I: with this folder on sys.path, this module would shadow stdlib `math`)
+# and is handed this process's import path instead, so it finds math-verify wherever we do
+# (site-packages, PYTHONPATH, a --target directory).
+_BOOT = ("import json, runpy, sys; sys.path[:] = json.loads(sys.argv[1]); "
+         "runpy.run_path(sys.argv[2], run_name='__main__')")
 
 
 class _Worker:
-    """One verification process; requests and replies are length-prefixed marshal messages."""
+    """One verification process; requests and replies are length-prefixed marshal messages. It
+    answers a ready message once math-verify is imported; if it dies first, verification cannot run
+    at all, and that is a setup error (RewardError) rather than a stream of undecided samples."""
 
     def __init__(self):
+        path = json.dumps([p for p in sys.path if p and Path(p).resolve() != _WORKER.parent])
+        self.stderr = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(
-            # -I keeps the worker's own folder off sys.path: there, this module would shadow stdlib `math`
-            [sys.executable, "-I", str(_WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+            [sys.executable, "-I", "-c", _BOOT, path, str(_WORKER)], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=self.stderr, start_new_session=True, close_fds=True)
+        try:
+            self._read_reply(time.monotonic() + WORKER_START_S)
+        except (TimeoutError, EOFError, OSError, ValueError) as err:
+            self.proc.kill()
+            self.proc.wait()
+            self.stderr.seek(0)
+            lines = self.stderr.read().decode(errors="replace").strip().splitlines()
+            self.stderr.close()
+            why = lines[-1] if lines else f"{type(err).__name__}, no error output"
+            raise RewardError(
+                f"math verification: the math-verify worker ({sys.executable}) did not start: {why}") from None
 
     def ask(self, request, deadline: float):
         data = marshal.dumps(request)
         self.proc.stdin.write(struct.pack("<I", len(data)) + data)
         self.proc.stdin.flush()
+        return self._read_reply(deadline)
+
+    def _read_reply(self, deadline: float):
         return marshal.loads(self._read_exact(struct.unpack("<I", self._read_exact(4, deadline))[0], deadline))
 
     def _read_exact(self, size: int, deadline: float) -> bytes:
@@ -141,6 +170,7 @@ class _Worker:
     def kill(self):
         self.proc.kill()
         self.proc.wait()
+        self.stderr.close()
 
 
 def _readable(fd: int, timeout: float) -> bool:
@@ -160,10 +190,16 @@ class Verifier:
 
     def _take(self) -> _Worker:
         with self._lock:
-            if self._started < self.size:
-                self._started += 1
-                return _Worker()
-        return self._idle.get()
+            start = self._started < self.size
+            self._started += start
+        if not start:
+            return self._idle.get()
+        try:
+            return _Worker()
+        except RewardError:
+            with self._lock:
+                self._started -= 1
+            raise
 
     def _discard(self, worker: _Worker) -> None:
         worker.kill()
@@ -178,7 +214,15 @@ class Verifier:
         for i in range(len(pairs)):
             todo.put(i)
 
+        failures: list[RewardError] = []
+
         def drain():
+            try:
+                work()
+            except RewardError as err:  # a worker could not start: raised in the caller's thread below
+                failures.append(err)
+
+        def work():
             worker = None
             while True:
                 try:
@@ -200,6 +244,8 @@ class Verifier:
         drain()
         for thread in threads:
             thread.join()
+        if failures:
+            raise failures[0]
         return results
 
     def close(self):

@@ -4,7 +4,8 @@ import time
 
 import pytest
 
-from r1pipe.rewards.math import extract_answer, gold_answer, verify, verify_many
+from r1pipe.rewards import RewardError
+from r1pipe.rewards.math import Verifier, extract_answer, gold_answer, verify, verify_many
 
 
 def rows(path):
@@ -91,3 +92,31 @@ def test_pathological_latex_is_cut_off_by_the_time_limit():
     results = verify_many([("2", "9^{9^{9^{9^{9}}}}"), ("2", "\\frac{" * 3000), ("2", "2")], timeout=1.0)
     assert results[:2] != [True, True] and results[2] is True
     assert time.monotonic() - start < 8
+
+
+def _stub_math_verify(folder, body: str):
+    package = folder / "math_verify"
+    package.mkdir()
+    (package / "__init__.py").write_text(body)
+    return folder
+
+
+def test_worker_imports_math_verify_from_this_process_import_path(tmp_path, monkeypatch):
+    """The worker runs isolated but gets our sys.path: a math-verify reachable only through it (a
+    PYTHONPATH or --target folder) is the one it uses. This stub calls everything equal."""
+    stub = _stub_math_verify(tmp_path, "ExprExtractionConfig = LatexExtractionConfig = lambda **kw: None\n"
+                                       "def parse(text, **kw): return [text]\n"
+                                       "def verify(gold, prediction, **kw): return True\n")
+    monkeypatch.syspath_prepend(str(stub))
+    verifier = Verifier(workers=1)
+    try:
+        assert verifier.verify_many([("1", "2")]) == [True]
+    finally:
+        verifier.close()
+
+
+def test_a_worker_that_cannot_start_is_a_one_line_setup_error(tmp_path, monkeypatch):
+    """Without math-verify every answer would silently score as undecided (0 reward, 0% pass@1)."""
+    monkeypatch.syspath_prepend(str(_stub_math_verify(tmp_path, "raise ImportError('math-verify is broken')\n")))
+    with pytest.raises(RewardError, match="math-verify worker .* did not start: ImportError: math-verify is broken"):
+        Verifier(workers=1).verify_many([("1", "2")])
