@@ -124,12 +124,18 @@ class FP8Linear(nn.Linear):
         return fp8
 
 
+def fp8_linear_targets(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP) -> list[tuple[str, nn.Linear]]:
+    """(dotted name, module) of every plain nn.Linear of `model` whose name matches no `skip` pattern:
+    the layers `convert_to_fp8_linear` swaps (and `r1pipe plan` counts)."""
+    skip = tuple(skip)
+    return [(name, module) for name, module in model.named_modules()
+            if type(module) is nn.Linear and not is_skipped(name, skip)]
+
+
 def convert_to_fp8_linear(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP) -> list[str]:
     """Replace every plain nn.Linear of `model` in place by an FP8Linear sharing its parameters,
     except modules whose dotted name matches a `skip` pattern. Returns the converted names."""
-    skip = tuple(skip)
-    targets = [(name, module) for name, module in model.named_modules()
-               if type(module) is nn.Linear and not is_skipped(name, skip)]
+    targets = fp8_linear_targets(model, skip)
     for name, module in targets:
         parent_name, _, child_name = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child_name, FP8Linear.from_linear(module))

@@ -148,11 +148,9 @@ def _count(n: int) -> str:
 
 
 def _fp8_linear_params(module: torch.nn.Module) -> int:
-    from r1pipe.kernels import DEFAULT_SKIP
-    from r1pipe.kernels.linear import is_skipped
+    from r1pipe.kernels.linear import fp8_linear_targets
 
-    return sum(m.weight.numel() for name, m in module.named_modules()
-               if type(m) is torch.nn.Linear and not is_skipped(name, DEFAULT_SKIP))
+    return sum(m.weight.numel() for _, m in fp8_linear_targets(module))
 
 
 def memory_per_device(plan: ModelPlan, cfg, gpus: int) -> dict[str, float]:
