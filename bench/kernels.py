@@ -1,6 +1,6 @@
 """Benchmark the FP8 kernels on a CUDA GPU against cuBLAS; prints one table.
 
-    python bench/kernels.py [--json results.json] [--quick] [--tma-configs] [--l2-hot] [--eager]
+    python bench/kernels.py [--json results.json] [--quick] [--tma-configs] [--l2-hot] [--eager] [--shapes NxK ...]
 
 Kernel times are medians of CUDA-graph replays (`triton.testing.do_bench_cudagraph`), so Python
 launch overhead is left out (as in a graph-captured decode step); `--eager` times plain launches
@@ -313,8 +313,17 @@ def print_tma_configs(rows: list[dict]) -> None:
         print(f"| {r['m']} | {r['n']} | {r['k']} | " + " | ".join(cells) + " |")
 
 
+def gemm_shape(text: str) -> tuple[int, int]:
+    """'2112x7168' -> (2112, 7168): N x K of a dense GEMM's weight."""
+    try:
+        n, k = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NxK, e.g. 2112x7168") from None
+    return n, k
+
+
 def main() -> None:
-    global EAGER, L2_HOT, GEMM_ROUNDS
+    global EAGER, L2_HOT, GEMM_ROUNDS, GEMM_SHAPES
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="also write the raw numbers here")
     parser.add_argument("--quick", action="store_true", help="only M=4096 for the dense GEMMs")
@@ -323,8 +332,10 @@ def main() -> None:
     parser.add_argument("--sections", default="quant,gemm,grouped,linear", help="comma-separated subset to run")
     parser.add_argument("--tma-configs", action="store_true", help="also time each Triton TMA tile configuration")
     parser.add_argument("--rounds", type=int, default=GEMM_ROUNDS, help="turns of the dense GEMM contenders")
+    parser.add_argument("--shapes", nargs="+", type=gemm_shape, default=GEMM_SHAPES, metavar="NxK",
+                        help="dense GEMM weight shapes, e.g. 2112x7168 (default: the issue's five)")
     args = parser.parse_args()
-    EAGER, L2_HOT, GEMM_ROUNDS = args.eager, args.l2_hot, args.rounds
+    EAGER, L2_HOT, GEMM_ROUNDS, GEMM_SHAPES = args.eager, args.l2_hot, args.rounds, args.shapes
     if not torch.cuda.is_available():
         raise SystemExit("bench/kernels.py needs a CUDA GPU")
     torch.manual_seed(0)
