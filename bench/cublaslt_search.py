@@ -53,16 +53,20 @@ def search(lt, n: int, k: int, rounds: int) -> dict:
     kernel, _, stages, *_ = lt.describe(0)
     tiles, stage_ids, (custom_max,) = lt.capabilities(kernel)
 
+    def lt_gemm(i: int):
+        return lambda w8, ws, x8, xs: lt.run(i, w8, ws, x8, xs, out)
+
     def quick_ms(i: int) -> float:
-        return _gpu_ms(lambda: lt.run(i, w_fp8, w_scale, x_fp8, x_scale_storage, out), repeats=3)
+        return _gpu_ms(lambda: lt_gemm(i)(w_fp8, w_scale, x_fp8, x_scale_storage), repeats=3)
 
     seen = {tuple(lt.describe(0))}
 
     def distinct(indices):  # accepted, and not a configuration already listed
         kept = []
-        for i in indices:
-            if i >= 0 and tuple(lt.describe(i)) not in seen:
-                seen.add(tuple(lt.describe(i)))
+        for i in filter(lambda i: i >= 0, indices):
+            config = tuple(lt.describe(i))
+            if config not in seen:
+                seen.add(config)
                 kept.append(i)
         return kept
 
@@ -78,18 +82,15 @@ def search(lt, n: int, k: int, rounds: int) -> dict:
     ms.update({i: quick_ms(i) for i in second})
     finalists = [0, *[i for i in sorted(ms, key=ms.get) if i != 0][:5]]
 
-    def lt_gemm(i):
-        return lambda w8, ws, x8, xs: lt.run(i, w8, ws, x8, xs.t(), out)
-
     timed = {"bf16": (lambda a, b: a @ b.t(), (x, w)),
              "F.scaled_mm": (lambda *operands: _cublas_blockwise_gemm(*operands, torch.bfloat16),
                              (x_fp8, x_scale, w_fp8, w_scale))}
-    timed.update({f"config {i}": (lt_gemm(i), (w_fp8, w_scale, x_fp8, x_scale)) for i in finalists})
+    timed.update({f"config {i}": (lt_gemm(i), (w_fp8, w_scale, x_fp8, x_scale_storage)) for i in finalists})
     bench_kernels.GEMM_ROUNDS = rounds
     tf = bench_kernels.tflops_in_turns(timed, M, n, k)
     rows = []
     for i in finalists:
-        lt.run(i, w_fp8, w_scale, x_fp8, x_scale_storage, out)
+        lt_gemm(i)(w_fp8, w_scale, x_fp8, x_scale_storage)
         rows.append({"n": n, "k": k, "config": i, "heuristic_pick": i == 0, "describe": lt.describe(i),
                      "tflops": tf[f"config {i}"], "vs_bf16": tf[f"config {i}"] / tf["bf16"],
                      "vs_scaled_mm": tf[f"config {i}"] / tf["F.scaled_mm"],
