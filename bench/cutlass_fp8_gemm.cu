@@ -1,6 +1,6 @@
 // CUTLASS's Hopper blockwise-scaled FP8 GEMM (the V3 recipe: A in 1x128 tiles, B in 128x128
-// blocks, fp32 promotion every 128 of K), instantiated for a few tiles, clusters and tile
-// schedulers, behind a C ABI that bench/gemm_libraries.py loads with ctypes. CUTLASS is used as a
+// blocks, fp32 promotion every 128 of K), instantiated for one tile, cluster and tile scheduler
+// per build (bench/gemm_libraries.py's CONFIGS names them with -D flags), behind a C ABI that bench/gemm_libraries.py loads with ctypes. CUTLASS is used as a
 // library (headers from the `nvidia-cutlass` wheel); what is written here is only the choice of
 // configuration and the glue. Why: cuBLAS's kernel has no stream-K, so a GEMM whose output tiles
 // leave a nearly empty last wave (N=2112, K=7168) pays a whole wave; CUTLASS's stream-K
@@ -54,7 +54,7 @@ struct BlockwiseGemm {
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 
   static typename Gemm::Arguments arguments(const void* a, const float* sa, const void* b, const float* sb, void* d,
-                                            int m, int n, int k, int decomposition, int splits) {
+                                            int m, int n, int k, int decomposition) {
     using StrideA = typename Kernel::StrideA;
     using StrideB = typename Kernel::StrideB;
     using StrideD = typename Kernel::StrideD;
@@ -72,20 +72,19 @@ struct BlockwiseGemm {
     if constexpr (cute::is_same_v<Scheduler, cutlass::gemm::StreamKScheduler>) {
       using Mode = cutlass::gemm::kernel::detail::PersistentTileSchedulerSm90StreamKParams::DecompositionMode;
       args.scheduler.decomposition_mode = static_cast<Mode>(decomposition);
-      args.scheduler.splits = splits;
     }
     return args;
   }
 
-  static size_t workspace(int m, int n, int k, int decomposition, int splits) {
-    auto args = arguments(nullptr, nullptr, nullptr, nullptr, nullptr, m, n, k, decomposition, splits);
+  static size_t workspace(int m, int n, int k, int decomposition) {
+    auto args = arguments(nullptr, nullptr, nullptr, nullptr, nullptr, m, n, k, decomposition);
     return Gemm::get_workspace_size(args);
   }
 
   // 0 on success; otherwise a cutlass::Status (can_implement / initialize / run) + 100 * stage.
   static int run(const void* a, const float* sa, const void* b, const float* sb, void* d, int m, int n, int k,
-                 int decomposition, int splits, void* workspace, cudaStream_t stream) {
-    auto args = arguments(a, sa, b, sb, d, m, n, k, decomposition, splits);
+                 int decomposition, void* workspace, cudaStream_t stream) {
+    auto args = arguments(a, sa, b, sb, d, m, n, k, decomposition);
     Gemm gemm;
     cutlass::Status status = gemm.can_implement(args);
     if (status != cutlass::Status::kSuccess) return 100 + int(status);
@@ -96,43 +95,25 @@ struct BlockwiseGemm {
   }
 };
 
-namespace sched = cutlass::gemm;
-using Coop = cutlass::gemm::KernelTmaWarpSpecializedCooperativeFP8Blockwise;
-using Pingpong = cutlass::gemm::KernelTmaWarpSpecializedPingpongFP8Blockwise;
-using CoopEpi = cutlass::epilogue::TmaWarpSpecializedCooperative;
-using PingpongEpi = cutlass::epilogue::TmaWarpSpecialized;
+// The configuration of this build: -DR1_NAME=<C symbol> -DR1_TILE_M=.. -DR1_TILE_N=.. -DR1_CLUSTER_M=..
+// -DR1_CLUSTER_N=.. -DR1_PINGPONG=0|1 -DR1_STREAMK=0|1 (one translation unit each, so they compile
+// in parallel). Its C entry points: R1_NAME and R1_NAME_workspace.
+using Config = BlockwiseGemm<
+    Shape<Int<R1_TILE_M>, Int<R1_TILE_N>, _128>, Shape<Int<R1_CLUSTER_M>, Int<R1_CLUSTER_N>, _1>,
+    cute::conditional_t<bool(R1_PINGPONG), cutlass::gemm::KernelTmaWarpSpecializedPingpongFP8Blockwise,
+                        cutlass::gemm::KernelTmaWarpSpecializedCooperativeFP8Blockwise>,
+    cute::conditional_t<bool(R1_PINGPONG), cutlass::epilogue::TmaWarpSpecialized,
+                        cutlass::epilogue::TmaWarpSpecializedCooperative>,
+    cute::conditional_t<bool(R1_STREAMK), cutlass::gemm::StreamKScheduler, cutlass::gemm::PersistentScheduler>>;
 
-// One C entry pair per configuration: <name>_workspace(...) and <name>(...).
-#define R1_VARIANT(NAME, TILE, CLUSTER, SCHEDULE, EPI, SCHED)                                              \
-  using NAME##_t = BlockwiseGemm<TILE, CLUSTER, SCHEDULE, EPI, SCHED>;                                    \
-  extern "C" size_t NAME##_workspace(int m, int n, int k, int decomposition, int splits) {               \
-    return NAME##_t::workspace(m, n, k, decomposition, splits);                                           \
-  }                                                                                                       \
-  extern "C" int NAME(const void* a, const float* sa, const void* b, const float* sb, void* d, int m, int n, \
-                      int k, int decomposition, int splits, void* workspace, cudaStream_t stream) {        \
-    return NAME##_t::run(a, sa, b, sb, d, m, n, k, decomposition, splits, workspace, stream);             \
-  }
+#define R1_CONCAT(a, b) a##b
+#define R1_SYMBOL(name, suffix) R1_CONCAT(name, suffix)
 
-using Tile128x128 = Shape<_128, _128, _128>;
-using Tile64x128 = Shape<_64, _128, _128>;
-using Cluster1x1 = Shape<_1, _1, _1>;
-using Cluster1x2 = Shape<_1, _2, _1>;
-using Cluster2x1 = Shape<_2, _1, _1>;
+extern "C" size_t R1_SYMBOL(R1_NAME, _workspace)(int m, int n, int k, int decomposition) {
+  return Config::workspace(m, n, k, decomposition);
+}
 
-// Each configuration is its own translation unit when built with -DR1_ONLY=<n> (they compile in
-// parallel); without it, all of them.
-#if !defined(R1_ONLY) || R1_ONLY == 1
-R1_VARIANT(coop_128x128_c1x2_streamk, Tile128x128, Cluster1x2, Coop, CoopEpi, sched::StreamKScheduler)
-#endif
-#if !defined(R1_ONLY) || R1_ONLY == 2
-R1_VARIANT(coop_128x128_c2x1_streamk, Tile128x128, Cluster2x1, Coop, CoopEpi, sched::StreamKScheduler)
-#endif
-#if !defined(R1_ONLY) || R1_ONLY == 3
-R1_VARIANT(coop_128x128_c1x1_streamk, Tile128x128, Cluster1x1, Coop, CoopEpi, sched::StreamKScheduler)
-#endif
-#if !defined(R1_ONLY) || R1_ONLY == 4
-R1_VARIANT(pingpong_64x128_c1x2, Tile64x128, Cluster1x2, Pingpong, PingpongEpi, sched::PersistentScheduler)
-#endif
-#if !defined(R1_ONLY) || R1_ONLY == 5
-R1_VARIANT(pingpong_64x128_c2x1, Tile64x128, Cluster2x1, Pingpong, PingpongEpi, sched::PersistentScheduler)
-#endif
+extern "C" int R1_NAME(const void* a, const float* sa, const void* b, const float* sb, void* d, int m, int n, int k,
+                       int decomposition, void* workspace, cudaStream_t stream) {
+  return Config::run(a, sa, b, sb, d, m, n, k, decomposition, workspace, stream);
+}

@@ -36,12 +36,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/kernels.
 import kernels as bench_kernels  # noqa: E402
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cutlass_fp8_gemm.cu")
-# (C symbol, -DR1_ONLY value, has the stream-K scheduler); see the R1_VARIANT lines of the source
-CONFIGS = [("coop_128x128_c1x2_streamk", 1, True), ("coop_128x128_c2x1_streamk", 2, True),
-           ("coop_128x128_c1x1_streamk", 3, True), ("pingpong_64x128_c1x2", 4, False),
-           ("pingpong_64x128_c2x1", 5, False)]
+# (tile M, tile N, cluster M, cluster N, ping-pong, stream-K scheduler): one build of the source each
+CONFIGS = [(128, 128, 1, 2, False, True), (128, 128, 2, 1, False, True), (128, 128, 1, 1, False, True),
+           (64, 128, 1, 2, True, False), (64, 128, 2, 1, True, False)]
 DECOMPOSITIONS = {"heuristic": 0, "data-parallel": 1, "stream-K": 3}  # CUTLASS's DecompositionMode
 WRONG = 1e-2  # relative error against F.scaled_mm beyond bf16 rounding
+
+
+def config_name(tile_m, tile_n, cluster_m, cluster_n, pingpong, streamk) -> str:
+    """The configuration's C symbol, e.g. coop_128x128_c1x2_streamk."""
+    schedule = "pingpong" if pingpong else "coop"
+    return f"{schedule}_{tile_m}x{tile_n}_c{cluster_m}x{cluster_n}{'_streamk' if streamk else ''}"
 
 
 def build(cutlass_dir: str, out_dir: str) -> str:
@@ -49,13 +54,18 @@ def build(cutlass_dir: str, out_dir: str) -> str:
     flags = ["-std=c++17", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "--expt-relaxed-constexpr",
              "-Xcompiler", "-fPIC", f"-I{cutlass_dir}/include", f"-I{cutlass_dir}/tools/util/include"]
 
-    def compile_one(index: int) -> str:
-        obj = os.path.join(out_dir, f"config{index}.o")
-        subprocess.run(["nvcc", *flags, f"-DR1_ONLY={index}", "-c", SOURCE, "-o", obj], check=True)
+    def compile_one(config) -> str:
+        name = config_name(*config)
+        tile_m, tile_n, cluster_m, cluster_n, pingpong, streamk = config
+        defines = [f"-DR1_NAME={name}", f"-DR1_TILE_M={tile_m}", f"-DR1_TILE_N={tile_n}",
+                   f"-DR1_CLUSTER_M={cluster_m}", f"-DR1_CLUSTER_N={cluster_n}",
+                   f"-DR1_PINGPONG={int(pingpong)}", f"-DR1_STREAMK={int(streamk)}"]
+        obj = os.path.join(out_dir, f"{name}.o")
+        subprocess.run(["nvcc", *flags, *defines, "-c", SOURCE, "-o", obj], check=True)
         return obj
 
     with ThreadPoolExecutor(len(CONFIGS)) as pool:
-        objects = list(pool.map(compile_one, [index for _, index, _ in CONFIGS]))
+        objects = list(pool.map(compile_one, CONFIGS))
     library = os.path.join(out_dir, "libr1_cutlass_fp8.so")
     subprocess.run(["nvcc", "-shared", "-cudart", "static", *objects, "-o", library], check=True)
     return library
@@ -63,11 +73,11 @@ def build(cutlass_dir: str, out_dir: str) -> str:
 
 def bind(library: str):
     lib = ctypes.CDLL(library)
-    for name, _, _ in CONFIGS:
+    for name in (config_name(*config) for config in CONFIGS):
         getattr(lib, name).restype = ctypes.c_int
-        getattr(lib, name).argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5 + [ctypes.c_void_p] * 2
+        getattr(lib, name).argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4 + [ctypes.c_void_p] * 2
         getattr(lib, f"{name}_workspace").restype = ctypes.c_size_t
-        getattr(lib, f"{name}_workspace").argtypes = [ctypes.c_int] * 5
+        getattr(lib, f"{name}_workspace").argtypes = [ctypes.c_int] * 4
     return lib
 
 
@@ -79,9 +89,9 @@ def cutlass_gemm(lib, name: str, decomposition: int):
         (m, k), n = a.shape, b.shape[0]
         assert a_scale.t().is_contiguous() and b_scale.is_contiguous(), "scales: A M-major, B row-major"
         out = torch.empty(m, n, device=a.device, dtype=torch.bfloat16)
-        workspace = torch.empty(max(1, workspace_size(m, n, k, decomposition, 1)), device=a.device, dtype=torch.uint8)
+        workspace = torch.empty(max(1, workspace_size(m, n, k, decomposition)), device=a.device, dtype=torch.uint8)
         status = entry(a.data_ptr(), a_scale.data_ptr(), b.data_ptr(), b_scale.data_ptr(), out.data_ptr(),
-                       m, n, k, decomposition, 1, workspace.data_ptr(), torch.cuda.current_stream().cuda_stream)
+                       m, n, k, decomposition, workspace.data_ptr(), torch.cuda.current_stream().cuda_stream)
         if status:
             raise RuntimeError(f"{name}: CUTLASS status {status} (100s can_implement, 200s initialize, 300s run)")
         return out
@@ -106,7 +116,8 @@ def flashinfer_gemm(prebuilt: str | None):
 
 def cutlass_contenders(lib) -> dict:
     found = {}
-    for name, _, streamk in CONFIGS:
+    for config in CONFIGS:
+        name, streamk = config_name(*config), config[-1]
         for mode, value in (DECOMPOSITIONS.items() if streamk else [("persistent", 0)]):
             found[f"{name} {mode}"] = cutlass_gemm(lib, name, value)
     return found
@@ -127,14 +138,14 @@ def main() -> None:
         parser.error("name at least one library: --cutlass DIR and/or --flashinfer")
     gemms = {}
     if args.cutlass:
-        library = None
+        lib = None
         if args.so:
             try:
-                bind(args.so)
-                library = args.so
-            except OSError as err:
-                print(f"{args.so} does not load here ({err}); building")
-        gemms.update(cutlass_contenders(bind(library or build(args.cutlass, args.build_dir or tempfile.mkdtemp()))))
+                lib = bind(args.so)
+            except (OSError, AttributeError) as err:  # does not load, or was built from an older source
+                print(f"{args.so} cannot be used here ({err}); building")
+        lib = lib or bind(build(args.cutlass, args.build_dir or tempfile.mkdtemp()))
+        gemms.update(cutlass_contenders(lib))
     if args.flashinfer:
         gemms["FlashInfer fp8_blockscale_gemm_sm90"] = flashinfer_gemm(args.flashinfer_so)
     torch.manual_seed(0)
