@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from r1pipe.model.config import MODEL_TYPES, DeepseekConfig, preset_names
@@ -19,10 +18,13 @@ class PolicyError(ValueError):
     """A model path or preset that cannot be loaded as a policy (one-line message)."""
 
 
-def chunk_logprobs(hidden: torch.Tensor, head: torch.Tensor, targets: torch.Tensor, temperature: float,
+def chunk_logprobs(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, temperature: float,
                    with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log p(target) (and entropy) for hidden [B, C, H] through head weight [V, H], in fp32."""
-    logp = (upcast(F.linear(hidden, head)) / temperature).log_softmax(-1)
+    """log p(target) (and entropy) for hidden [B, C, H] through the output layer `head` (H -> V), in fp32.
+
+    The head is called as a module, never read as a weight: under DeepSpeed ZeRO-3 a parameter is
+    an empty placeholder outside its module's forward, which gathers it (and reduces its gradient)."""
+    logp = (upcast(head(hidden)) / temperature).log_softmax(-1)
     token = logp.gather(-1, targets[..., None])[..., 0]
     entropy = -(logp.exp() * logp).sum(-1) if with_entropy else None
     return token, entropy
@@ -62,8 +64,9 @@ class Policy:
     def is_deepseek(self) -> bool:
         return isinstance(self.model, DeepseekForCausalLM)
 
-    def output_head(self) -> torch.Tensor:
-        return self.model.lm_head.weight if self.is_deepseek else self.model.get_output_embeddings().weight
+    def output_layer(self) -> torch.nn.Module:
+        """The vocabulary projection (hidden -> logits) as a module; see `chunk_logprobs` for why a module."""
+        return self.model.lm_head if self.is_deepseek else self.model.get_output_embeddings()
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       position_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -75,15 +78,18 @@ class Policy:
                               ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
         """Hidden states, plus -- for our model given `aux_labels` -- the V3 auxiliary training loss on them
         (MTP weight x MTP loss + balance loss) and its metrics, from the same forward. (hidden, None, {})
-        for dense models or without labels."""
-        model = self.model
+        for dense models or without labels.
+
+        The forward is a call of `module`, wrappers included: DeepSpeed's engine does its per-micro-batch
+        bookkeeping in its own forward (under ZeRO-3 gradients accumulate wrongly without it). A dense
+        model's forward computes the logits of the last position only (`logits_to_keep=1`)."""
         if self.is_deepseek:
-            out = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=aux_labels,
-                        return_hidden=True)
+            out = self.module(input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=aux_labels,
+                              return_hidden=True)
             return out.hidden_states, out.loss, out.aux or {}
-        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=dense_mask(attention_mask, position_ids),
-                                     position_ids=position_ids).last_hidden_state
-        return hidden, None, {}
+        out = self.module(input_ids=input_ids, attention_mask=dense_mask(attention_mask, position_ids),
+                          position_ids=position_ids, output_hidden_states=True, logits_to_keep=1, use_cache=False)
+        return out.hidden_states[-1], None, {}
 
     def token_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                        position_ids: torch.Tensor | None = None, chunk_size: int = 1024, temperature: float = 1.0,
@@ -109,7 +115,7 @@ class Policy:
         hidden, targets = hidden[:, :-1], input_ids[:, 1:]
         if only is not None:
             hidden, targets = hidden[only].unsqueeze(0), targets[only].unsqueeze(0)
-        head = self.output_head()
+        head = self.output_layer()
         logps, entropies = [], []
         for start in range(0, hidden.shape[1], chunk_size):
             args = (hidden[:, start:start + chunk_size], head, targets[:, start:start + chunk_size], temperature,

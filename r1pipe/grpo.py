@@ -19,7 +19,7 @@ ImportanceCorrection = Literal["none", "token_truncate", "token_mask", "sequence
 ADVANTAGE_EPS = 1e-4
 
 
-def _nan_std(values: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+def nan_std(values: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Unbiased std ignoring NaNs (torch has no nanstd); 0 where fewer than two values exist."""
     valid = ~values.isnan()
     count = valid.sum() if dim is None else valid.sum(dim)
@@ -30,12 +30,15 @@ def _nan_std(values: torch.Tensor, dim: int | None = None) -> torch.Tensor:
 
 
 def group_advantages(
-    rewards: torch.Tensor, group_size: int, scale_rewards: ScaleRewards = "group", eps: float = ADVANTAGE_EPS
+    rewards: torch.Tensor, group_size: int, scale_rewards: ScaleRewards = "group", eps: float = ADVANTAGE_EPS,
+    batch_std: torch.Tensor | float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GRPO advantage ``A_i = (r_i - mean_group(r)) / (std + eps)``, one value per completion.
 
     ``scale_rewards``: "group" divides by the group's std (GRPO), "batch" by the std of the whole
     batch (more robust when groups are nearly uniform), "none" does not divide (Dr. GRPO).
+    ``batch_std``: the std of the whole optimizer step's rewards when ``rewards`` is one rank's share
+    of it (default: the std of ``rewards``).
     A NaN reward (a completion no reward could score, e.g. an unparseable gold answer) is left out of
     its group's mean/std and gets advantage 0, so it neither teaches nor biases the baseline.
     Returns (advantages [B], zero_std [B] bool: the completion's group has no reward spread).
@@ -44,12 +47,12 @@ def group_advantages(
         raise ValueError(f"rewards: expected a flat tensor of groups of {group_size}, got shape {tuple(rewards.shape)}")
     grouped = rewards.view(-1, group_size)
     group_mean = grouped.nanmean(dim=1, keepdim=True)
-    group_std = _nan_std(grouped, dim=1)[:, None].expand_as(grouped)
+    group_std = nan_std(grouped, dim=1)[:, None].expand_as(grouped)
     centred = grouped - group_mean
     if scale_rewards == "group":
         advantages = centred / (group_std + eps)
     elif scale_rewards == "batch":
-        advantages = centred / (_nan_std(rewards) + eps)
+        advantages = centred / ((nan_std(rewards) if batch_std is None else batch_std) + eps)
     elif scale_rewards == "none":
         advantages = centred
     else:
@@ -59,12 +62,16 @@ def group_advantages(
 
 
 def groups_with_signal(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """DAPO dynamic sampling: True for each group whose rewards are not all equal ([B / G] bool).
+    """DAPO dynamic sampling: True for each group whose scored rewards are not all equal ([B / G] bool).
 
-    A group with equal rewards has zero advantage everywhere and only dilutes the batch.
+    A group with equal rewards has zero advantage everywhere and only dilutes the batch. A NaN
+    (unscorable) reward is left out, as in ``group_advantages``: [1, NaN, 1, 1] has no signal.
     """
-    grouped = rewards.view(-1, group_size).nan_to_num(0.0)
-    return (grouped.amax(dim=1) - grouped.amin(dim=1)) > 1e-8
+    grouped = rewards.view(-1, group_size)
+    valid = ~grouped.isnan()
+    high = torch.where(valid, grouped, torch.full_like(grouped, -torch.inf)).amax(dim=1)
+    low = torch.where(valid, grouped, torch.full_like(grouped, torch.inf)).amin(dim=1)
+    return (valid.sum(dim=1) > 1) & ((high - low) > 1e-8)
 
 
 def overlong_filter(mask: torch.Tensor, truncated: torch.Tensor) -> torch.Tensor:
@@ -134,11 +141,11 @@ def aggregate_loss(
 ) -> torch.Tensor:
     """Reduce [B, T] token losses of one micro-batch to the scalar whose sum over micro-batches is the loss.
 
-    ``batch_sequences`` / ``batch_tokens`` are the completions / unmasked tokens of the whole
-    optimizer step (default: this micro-batch), so gradient accumulation gives the same gradient
-    as one big batch:
+    ``batch_sequences`` / ``batch_tokens`` / ``micro_batches`` are the completions / unmasked tokens /
+    micro-batches of the whole optimizer step over all ranks (default: this micro-batch), so
+    gradient accumulation and data parallelism give the same gradient as one big batch:
     - grpo:    mean over each sequence's tokens, then mean over sequences (GRPO paper).
-    - bnpo:    sum / tokens of this micro-batch, averaged over micro-batches (TRL's bnpo).
+    - bnpo:    sum / tokens of this micro-batch, averaged over all micro-batches (TRL's bnpo).
     - dapo:    sum / tokens of the whole optimizer step (DAPO's token-level loss).
     - dr_grpo: sum / (sequences * max_completion_length) (Dr. GRPO, no length bias).
     """

@@ -157,14 +157,11 @@ def resolve_model_path(path: str) -> str:
         ) from None
 
 
-def load_trainable_policy(model: ModelSection, device: torch.device | str = "cpu", tokenizer=None,
-                          fp8: bool = False):
-    """Load the policy (our V3 or an HF causal LM) ready for training: FP8 linears, LoRA and
-    checkpointing applied.
+def load_base_policy(model: ModelSection, device: torch.device | str = "cpu", tokenizer=None):
+    """The policy `model.path` names (a directory, a hub id or a V3 preset), without training wrappers.
 
-    A V3 preset starts from fresh weights; its vocabulary and special-token ids follow `tokenizer`.
-    `fp8` swaps the dense Linear layers for FP8Linear (`fp8_skip`) before LoRA wraps them, so the
-    adapters themselves stay in high precision.
+    A V3 preset starts from fresh weights drawn from the current torch seed; its vocabulary and
+    special-token ids follow `tokenizer`.
     """
     from r1pipe.model.config import ConfigError, preset_names
     from r1pipe.model.policy import PolicyError, load_policy
@@ -181,6 +178,18 @@ def load_trainable_policy(model: ModelSection, device: torch.device | str = "cpu
         policy = load_policy(path, dtype=dtype, device=device, **overrides)
     except (PolicyError, ConfigError) as err:
         raise RecipeError(f"model.path: {err}") from None
+    return policy
+
+
+def load_trainable_policy(model: ModelSection, device: torch.device | str = "cpu", tokenizer=None,
+                          fp8: bool = False):
+    """Load the policy (our V3 or an HF causal LM) ready for training: FP8 linears, LoRA and
+    checkpointing applied.
+
+    `fp8` swaps the dense Linear layers for FP8Linear (`fp8_skip`) before LoRA wraps them, so the
+    adapters themselves stay in high precision.
+    """
+    policy = load_base_policy(model, device, tokenizer)
     if hasattr(policy.module, "config"):
         # Training never uses a KV cache, and with one transformers ignores packed position ids.
         policy.module.config.use_cache = False
@@ -351,6 +360,7 @@ class Trainer:
 
     def __init__(self, model: ModelSection, train: TrainSection, run_dir, seed: int = 0, tokenizer=None):
         self.model_cfg, self.train_cfg, self.run_dir = model, train, run_dir
+        self.seed, self.tokenizer = seed, tokenizer
         self.rank = int(os.environ.get("RANK", "0"))
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -413,6 +423,28 @@ class Trainer:
         self.optimizer, self.scheduler = optimizer, scheduler
         self.policy.module = engine  # forwards go through the engine; Policy.model unwraps it
         return engine
+
+    @property
+    def zero3(self) -> bool:
+        return self.engine is not None and self.train_cfg.deepspeed.zero_stage == 3
+
+    def load_reference(self):
+        """A frozen copy of the initial policy (GRPO's KL reference), loaded as the policy was: the same
+        path resolution and, for a preset, the same initial weights (drawn from the run seed in a forked
+        RNG). Under DeepSpeed it runs in an inference engine, as TRL's reference does: ZeRO-3 shards it
+        over the ranks like the policy; under ZeRO-2 it is whole on each rank in the policy's dtype."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            reference = load_base_policy(self.model_cfg, self.device, self.tokenizer)
+        reference.module.eval().requires_grad_(False)
+        if self.engine is not None:
+            import deepspeed
+
+            config = deepspeed_config(self.train_cfg, self.world_size)  # the recipe's, user overrides included
+            config["zero_optimization"]["stage"] = 3 if self.zero3 else 0
+            config["zero_optimization"].pop("offload_optimizer", None)  # no optimizer
+            reference.module = deepspeed.initialize(model=reference.module, config=config)[0]
+        return reference
 
     # -- one optimizer step ---------------------------------------------------------------------
 
@@ -480,6 +512,22 @@ class Trainer:
     def all_reduce_mean(self, value: float) -> float:
         return self.all_reduce_sum(value) / self.world_size
 
+    def all_reduce_max(self, value: float) -> float:
+        """Largest value over ranks (identity in a single process)."""
+        if self.world_size == 1:
+            return float(value)
+        tensor = torch.tensor(float(value), dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+        return float(tensor)
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's equally shaped `tensor`, concatenated along dim 0 in rank order (CPU result)."""
+        if self.world_size == 1:
+            return tensor
+        parts = [torch.empty_like(tensor, device=self.device) for _ in range(self.world_size)]
+        torch.distributed.all_gather(parts, tensor.to(self.device))
+        return torch.cat(parts).cpu()
+
     def barrier(self) -> None:
         if self.world_size > 1:
             torch.distributed.barrier()
@@ -501,8 +549,12 @@ class Trainer:
         every = self.train_cfg.save_every
         return every > 0 and self.step % every == 0 and self.step < self.max_steps
 
-    def save(self, extra: dict | None = None) -> Path:
-        """Checkpoint model, optimizer, scheduler, RNG, step and `extra` (e.g. the data position)."""
+    def save(self, extra: dict | None = None, rank_state: Any = None) -> Path:
+        """Checkpoint model, optimizer, scheduler, RNG, step and `extra` (e.g. the data position; rank 0's).
+
+        `rank_state` is what differs between ranks (e.g. each rank's share of a GRPO rollout batch): every
+        rank writes its own, and `resume` gives each rank back its own under extra["rank_state"].
+        """
         from r1pipe.rundir import capture_rng_state
 
         state = {"step": self.step, "extra": extra or {}}
@@ -515,6 +567,8 @@ class Trainer:
                 state["optimizer"] = self.optimizer.state_dict()
                 state["scheduler"] = self.scheduler.state_dict()
             torch.save(capture_rng_state(), directory / f"rng_rank{self.rank}.pt")
+            if rank_state is not None:
+                torch.save(rank_state, directory / f"state_rank{self.rank}.pt")
             if self.is_main:
                 torch.save(state, directory / "trainer_state.pt")
 
@@ -560,6 +614,9 @@ class Trainer:
         rng_file = directory / f"rng_rank{self.rank}.pt"
         if rng_file.exists():
             restore_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
+        rank_file = directory / f"state_rank{self.rank}.pt"
+        if rank_file.exists():
+            state["extra"]["rank_state"] = torch.load(rank_file, map_location="cpu", weights_only=False)
         self.step = state["step"]
         if self.is_main:
             self.run_dir.logger.info("resumed from %s at step %d", directory, self.step)
@@ -575,7 +632,7 @@ class Trainer:
         directory = Path(self.run_dir.path) / "checkpoints" / name
         module = self.engine.module if self.engine is not None else self.policy.module
         gather = contextlib.nullcontext()
-        if self.engine is not None and self.train_cfg.deepspeed.zero_stage == 3:
+        if self.zero3:
             import deepspeed
 
             gather = deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)

@@ -137,3 +137,64 @@ def test_rollout_importance_weights_by_hand():
         w = grpo.rollout_importance_weights(trainer, rollout, mask, mode, cap=2.0)
         assert w.flatten().tolist() == pytest.approx(values), mode
     assert (grpo.rollout_importance_weights(trainer, rollout, mask, "none", cap=2.0) == 1).all()
+
+
+# Positive advantages with ratios above 1 + eps_high, and negative ones on both sides of the clip range.
+CLIP_LOGP = torch.tensor([[0.5, 0.1, -0.5], [0.5, -0.5, 0.1]])  # old log-probs are 0: rho = exp(logp)
+CLIP_ADV = torch.tensor([2.0, -1.0])
+CLIP_W = torch.tensor([[0.5, 1.5, 2.0], [1.0, 0.25, 1.0]])  # rollout importance weights (no gradient)
+CLIP_REF = torch.tensor([[0.0, 0.2, -1.0], [1.0, 0.0, 0.0]])
+
+
+def _clip_grad(**kwargs):
+    logp = CLIP_LOGP.clone().requires_grad_(True)
+    loss = grpo.grpo_token_loss(logp, torch.zeros(2, 3), CLIP_ADV, eps_low=EPS_LOW, eps_high=EPS_HIGH, **kwargs)
+    loss.sum().backward()
+    return loss.detach(), logp.grad
+
+
+def test_upper_clip_stops_positive_advantages_only():
+    """rho = e^0.5 = 1.65 > 1.28: clipped with A > 0 (constant loss, no gradient), kept with A < 0 (the
+    pessimistic bound); rho = e^-0.5 = 0.61 < 0.8: clipped with A < 0, kept with A > 0."""
+    loss, grad = _clip_grad()
+    rho = CLIP_LOGP.exp()
+    expected_loss = [[-(1 + EPS_HIGH) * 2.0, -rho[0, 1] * 2.0, -rho[0, 2] * 2.0],
+                     [rho[1, 0] * 1.0, (1 - EPS_LOW) * 1.0, rho[1, 2] * 1.0]]
+    expected_grad = [[0.0, -rho[0, 1] * 2.0, -rho[0, 2] * 2.0],  # d(-rho A)/dlogp = -rho A
+                     [rho[1, 0] * 1.0, 0.0, rho[1, 2] * 1.0]]
+    torch.testing.assert_close(loss, torch.tensor(expected_loss), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(grad, torch.tensor(expected_grad), atol=1e-6, rtol=1e-6)
+    stats = grpo.policy_stats(CLIP_LOGP, torch.zeros(2, 3), CLIP_ADV, torch.ones(2, 3), eps_low=EPS_LOW,
+                              eps_high=EPS_HIGH)
+    assert stats["clip_high"] == pytest.approx(1 / 6) and stats["clip_low"] == pytest.approx(1 / 6)
+
+
+def test_importance_weights_scale_the_policy_term_and_not_the_kl():
+    """loss = w * surrogate + beta * k3: gradients w * d(surrogate) + beta * (1 - exp(ref - logp))."""
+    beta = 0.3
+    plain_loss, plain_grad = _clip_grad()
+    loss, grad = _clip_grad(importance_weights=CLIP_W, beta=beta, ref_logp=CLIP_REF)
+    k3 = grpo.k3_kl(CLIP_LOGP, CLIP_REF)
+    torch.testing.assert_close(loss, CLIP_W * plain_loss + beta * k3, atol=1e-6, rtol=1e-6)
+    kl_grad = beta * (1 - torch.exp(CLIP_REF - CLIP_LOGP))
+    torch.testing.assert_close(grad, CLIP_W * plain_grad + kl_grad, atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(grad, CLIP_W * (plain_grad + kl_grad))  # the weights must not touch the KL term
+
+
+def test_group_with_an_unscorable_reward_and_equal_others_has_no_signal():
+    rewards = torch.tensor([1.0, float("nan"), 1.0, 1.0,  # equal scored rewards: no signal
+                            1.0, float("nan"), 0.0, 1.0,  # spread among the scored ones
+                            float("nan"), float("nan"), 1.0, float("nan"),  # one scored value
+                            0.0, 0.0, 0.0, 0.0])
+    assert grpo.groups_with_signal(rewards, 4).tolist() == [False, True, False, False]
+    advantages, _ = grpo.group_advantages(rewards, 4)
+    assert not advantages[:4].any() and not advantages[8:].any()
+
+
+def test_batch_scaling_takes_the_whole_steps_std():
+    """One rank's share scaled by the std of the whole step's rewards equals that share of the whole batch."""
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0])
+    whole, _ = grpo.group_advantages(rewards, 4, "batch")
+    share, _ = grpo.group_advantages(rewards[:4], 4, "batch", batch_std=grpo.nan_std(rewards))
+    torch.testing.assert_close(share, whole[:4])
+    assert not torch.allclose(grpo.group_advantages(rewards[:4], 4, "batch")[0], whole[:4])

@@ -152,3 +152,12 @@ def test_v3_policy_with_mtp_speculative_rollouts(tmp_path):
     first = metrics(tmp_path, "v3")[0]
     assert 0.0 <= first["mtp_acceptance_rate"] <= 1.0
     assert first["mtp_loss"] > 0 and "expert_load_max_over_mean" in first  # MTP trained, bias update ran
+
+
+def test_kl_reference_of_a_preset_is_the_initial_policy(tmp_path):
+    """beta > 0 on a V3 preset: the reference is built as the policy was (same seed, tokenizer vocabulary),
+    so at the first update, where the policy has not moved, the KL to it is exactly 0."""
+    recipe = write_recipe(tmp_path, "nano-v3", "v3-kl", **{"train.max_steps": 1, "grpo.beta": 0.1})
+    run_stage(load_recipe(recipe))
+    first = metrics(tmp_path, "v3-kl")[0]
+    assert first["kl"] == pytest.approx(0.0, abs=1e-7)

