@@ -89,13 +89,13 @@ def test_kill_and_resume_reproduces_metrics(tmp_path, tiny_model, monkeypatch):
     update = stage.GrpoRun.update
     calls = {"n": 0}
 
-    def dies_at_third_update(self):
+    def dies_at_fourth_update(self):
         calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt  # killed mid rollout batch: steps 1-2 saved, step 3 not
+        if calls["n"] == 4:
+            raise KeyboardInterrupt  # killed mid rollout batch: step 3 (half of the 2nd batch) saved, 4 not
         return update(self)
 
-    monkeypatch.setattr(stage.GrpoRun, "update", dies_at_third_update)
+    monkeypatch.setattr(stage.GrpoRun, "update", dies_at_fourth_update)
     with pytest.raises(KeyboardInterrupt):
         run_stage(load_recipe(recipe))
     monkeypatch.setattr(stage.GrpoRun, "update", update)
