@@ -77,6 +77,7 @@ def multirank_even_tokens(prompt, completion, *, completion_ids=None):
 ENGINES: list[ScriptedEngine] = []
 SAMPLER_POSITIONS: list[int] = []
 REFERENCE_NUMEL: list[int] = []
+REAL_ENGINE: list[bool] = []  # non-empty: the scenario samples with r1pipe's native engine
 
 
 def install_hooks(record_grads: dict) -> None:
@@ -85,9 +86,13 @@ def install_hooks(record_grads: dict) -> None:
     from r1pipe import train
     from r1pipe.stages import grpo as stage
 
+    real_engine = r1pipe.rollout.build_engine
+
     def build_engine(section, *, model_dir, policy, max_model_len, seed):
         if section.engine != "native":
             raise AssertionError("the multi-rank scenarios script the native engine")
+        if REAL_ENGINE:
+            return real_engine(section, model_dir=model_dir, policy=policy, max_model_len=max_model_len, seed=seed)
         engine = ScriptedEngine(policy.model.config.vocab_size)
         ENGINES.append(engine)
         return engine
@@ -196,6 +201,9 @@ def scenarios(out: Path, world: int) -> dict:
     table["sft-v3-zero3"] = sft_recipe(out, "sft-v3-zero3", "nano-v3", ds(ZERO3))
     table["grpo-dynamic"] = grpo_recipe(out, "grpo-dynamic", qwen, ds(ZERO2), dynamic_sampling=True,
                                         max_sampling_rounds=3)
+    # real sampling on ZeRO-3 weights (one gather per generate call)
+    table["grpo-zero3-native-v3"] = grpo_recipe(out, "grpo-zero3-native-v3", "nano-v3", ds(ZERO3), beta=0.1,
+                                                max_completion_length=8)
     resume = dict(loss_type="grpo", mu=2, beta=0.1)
     for name in ("grpo-mu2-whole", "grpo-mu2-killed"):
         table[name] = grpo_recipe(out, name, qwen, ds(ZERO2), **resume)
@@ -275,8 +283,10 @@ def run(out: Path, names: list[str]) -> None:
             torch.save(tensor_parallel_engine(), target / f"world{world}-rank{rank}.pt")
             continue
         grads.clear()
-        for record in (ENGINES, SAMPLER_POSITIONS, REFERENCE_NUMEL):
+        for record in (ENGINES, SAMPLER_POSITIONS, REFERENCE_NUMEL, REAL_ENGINE):
             record.clear()
+        if "native" in name:
+            REAL_ENGINE.append(True)
         recipe = out / f"{name}-{world}.yaml"
         body = json.loads(json.dumps(table[name]))
         body["run"]["name"] = f"{name}-{world}"
