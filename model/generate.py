@@ -24,6 +24,9 @@ class GenerationResult:
     truncated: list[bool]  # stopped by max_new_tokens rather than a stop token
     acceptance_rate: float | None = None  # MTP drafts accepted / drafts proposed
     cache_bytes: int | None = None  # bytes of the KV cache allocated for this batch
+    # with record_routes: per prompt, the experts each token of prompt + completion was routed to in every
+    # decoder MoE layer [P + C, layers, K] (int16); -1 for a token never fed to the model (the last one)
+    routes: list[torch.Tensor] | None = None
 
 
 def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
@@ -87,9 +90,11 @@ class Decoder:
     """One forward over new tokens with a cache: ours (latent cache) or an HF model (DynamicCache).
     `use_cache=False` recomputes the whole sequence every step (the naive reference)."""
 
-    def __init__(self, model, batch: int, max_len: int, use_cache: bool):
+    def __init__(self, model, batch: int, max_len: int, use_cache: bool, record_routes: bool = False):
         self.model, self.use_cache = model, use_cache
         self.ours = isinstance(model, DeepseekForCausalLM)
+        # (routes [B, T, layers, K], positions [B, T], kept [B, T]) of every forward, for routing replay
+        self.route_log: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = [] if record_routes else None
         param = next(model.parameters())
         self.cache = None
         self.history: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -115,19 +120,37 @@ class Decoder:
 
     def call(self, ids, valid, positions):
         if self.ours:
-            return self.model(ids, attention_mask=valid.long(), position_ids=positions, cache=self.cache,
-                              return_hidden=True).hidden_states
+            out = self.model(ids, attention_mask=valid.long(), position_ids=positions, cache=self.cache,
+                             return_hidden=True, return_routes=self.route_log is not None)
+            if self.route_log is not None:
+                self.route_log.append((out.routes, positions, valid.clone()))
+            return out.hidden_states
         if self.cache is not None:
             self.seen_valid = torch.cat([self.seen_valid, valid], 1)
             valid = self.seen_valid
         return self.model(input_ids=ids, attention_mask=valid.long(), position_ids=positions,
                           past_key_values=self.cache, use_cache=self.cache is not None).logits
 
+    def routes(self, lengths: list[int]) -> list[torch.Tensor]:
+        """Per row, the recorded experts of its first `lengths[row]` sequence positions [length, layers, K]
+        (-1 where none was recorded). Later records of a position replace earlier ones (the naive path
+        recomputes the whole sequence each step)."""
+        first = self.route_log[0][0]
+        table = torch.full((first.shape[0], max(lengths), *first.shape[2:]), -1, dtype=torch.int16,
+                           device=first.device)
+        for routes, positions, kept in self.route_log:
+            keep = kept & (positions < table.shape[1])
+            rows = torch.arange(routes.shape[0], device=routes.device)[:, None].expand_as(positions)
+            table[rows[keep], positions[keep]] = routes[keep].to(torch.int16)
+        return [table[row, :length].cpu() for row, length in enumerate(lengths)]
+
     def logits(self, out: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(out) if self.ours else out
 
     def invalidate_last(self, rows: torch.Tensor) -> None:
-        """Mark the newest slot of `rows` invalid (a rejected draft)."""
+        """Mark the newest slot of `rows` invalid (a rejected draft): in the cache, and in the routes."""
+        if self.route_log:
+            self.route_log[-1][2][rows, -1] = False
         if self.use_cache:
             self.cache.valid[rows, self.cache.length - 1] = False
         else:
@@ -137,11 +160,12 @@ class Decoder:
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
              eos_token_id: int | list[int] | None = None, seed: int = 0, use_mtp: bool = False,
-             use_cache: bool = True, pad_token_id: int = 0) -> GenerationResult:
+             use_cache: bool = True, pad_token_id: int = 0, record_routes: bool = False) -> GenerationResult:
     """Sample up to `max_new_tokens` after each prompt (token id lists, any lengths) in one batch.
 
     temperature 0 is greedy. `use_mtp` drafts with the first MTP module (our model only). `use_cache=False`
-    recomputes the full sequence each step (slow; the reference the cached path is tested against)."""
+    recomputes the full sequence each step (slow; the reference the cached path is tested against).
+    `record_routes` (our model): also return the experts each token was routed to (R3 routing replay)."""
     if max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0 or not 0 < top_p <= 1:
@@ -149,6 +173,8 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
     ours = isinstance(model, DeepseekForCausalLM)
     if use_mtp and not (ours and model.config.num_nextn_predict_layers > 0):
         raise ValueError("generate: use_mtp needs a DeepseekForCausalLM with num_nextn_predict_layers >= 1")
+    if record_routes and not (ours and model.routed_layers()):
+        raise ValueError("generate: record_routes needs a DeepseekForCausalLM with MoE layers")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -157,7 +183,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
     batch, width = ids.shape
     positions = (valid.long().cumsum(1) - 1).clamp_min(0)
     max_len = width + (2 if use_mtp else 1) * max_new_tokens + 1
-    decoder = Decoder(model, batch, max_len, use_cache)
+    decoder = Decoder(model, batch, max_len, use_cache, record_routes)
     sampler = Sampler(temperature, top_p, seed, device)
     state = _Emitter(batch, max_new_tokens, stops)
     out = decoder.forward(ids, valid, positions)
@@ -178,7 +204,9 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
             state.emit(token, token_logprob(logits, token, temperature), torch.ones_like(token, dtype=torch.bool))
     model.train(was_training)
     cache_bytes = decoder.cache.nbytes() if isinstance(decoder.cache, LatentCache) else None
-    return GenerationResult(state.tokens, state.logprobs, state.truncated(), acceptance, cache_bytes)
+    routes = (decoder.routes([len(p) + len(t) for p, t in zip(prompts, state.tokens, strict=True)])
+              if record_routes else None)
+    return GenerationResult(state.tokens, state.logprobs, state.truncated(), acceptance, cache_bytes, routes)
 
 
 class _Emitter:
@@ -259,7 +287,7 @@ def _speculative_loop(model: DeepseekForCausalLM, decoder: Decoder, sampler: Sam
 def _mtp_block(model: DeepseekForCausalLM, layer, previous_hidden, next_tokens, new_valid, positions, cache):
     ctx = model.attention_context(next_tokens, new_valid.long(), positions, cache)
     x = layer.combine(model.model.embed_tokens(next_tokens), previous_hidden)
-    x, _, _ = layer(x, ctx, new_valid.long(), False)
+    x = layer(x, ctx, new_valid.long(), False)[0]
     if cache is not None:
         cache.advance(ctx.new_valid)
     return x

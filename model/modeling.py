@@ -26,6 +26,7 @@ class CausalLMOutput:
     hidden_states: torch.Tensor | None = None  # final normed hidden, when asked
     loss: torch.Tensor | None = None
     aux: dict[str, float] = field(default_factory=dict)
+    routes: torch.Tensor | None = None  # experts chosen per token [B, T, routed layers, K], when asked
 
 
 class DecoderLayer(nn.Module):
@@ -38,14 +39,16 @@ class DecoderLayer(nn.Module):
                                                                              config.intermediate_size)
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext, token_mask: torch.Tensor | None,
-                balance_loss: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """-> hidden, balance loss (MoE, when asked), expert loads (MoE)."""
+                balance_loss: bool, route: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """-> hidden, balance loss (MoE, when asked), expert loads (MoE), experts chosen (MoE; `route`
+        replays a recorded choice, see `Gate.forward`)."""
         x = x + self.self_attn(self.input_layernorm(x), ctx)
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
-            out, loss, load = self.mlp(h, token_mask, balance_loss)
-            return x + out, loss, load
-        return x + self.mlp(h), None, None
+            out, loss, load, indices = self.mlp(h, token_mask, balance_loss, route)
+            return x + out, loss, load, indices
+        return x + self.mlp(h), None, None, None
 
 
 class SharedHead(nn.Module):
@@ -107,6 +110,11 @@ class DeepseekForCausalLM(nn.Module):
     def moe_layers(self) -> dict[int, MoE]:
         return {i: layer.mlp for i, layer in enumerate(self.model.layers) if isinstance(layer.mlp, MoE)}
 
+    def routed_layers(self) -> list[int]:
+        """The decoder layers (MTP modules excluded) whose expert choices `forward` records and replays,
+        in the order of the routes tensor's layer dimension."""
+        return [i for i in range(self.config.num_hidden_layers) if self.config.is_moe_layer(i)]
+
     @torch.no_grad()
     def init_weights(self) -> None:
         std = self.config.initializer_range
@@ -164,14 +172,15 @@ class DeepseekForCausalLM(nn.Module):
             ctx.mask = build_attention_mask(new_valid, t, doc, doc)
         return ctx
 
-    def run_layer(self, layer: DecoderLayer, x, ctx, token_mask, balance_loss):
+    def run_layer(self, layer: DecoderLayer, x, ctx, token_mask, balance_loss, route=None):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(layer, x, ctx, token_mask, balance_loss, use_reentrant=False)
-        return layer(x, ctx, token_mask, balance_loss)
+            return checkpoint(layer, x, ctx, token_mask, balance_loss, route, use_reentrant=False)
+        return layer(x, ctx, token_mask, balance_loss, route)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                return_hidden: bool = False, cache: LatentCache | None = None) -> CausalLMOutput:
+                return_hidden: bool = False, cache: LatentCache | None = None, routes: torch.Tensor | None = None,
+                return_routes: bool = False) -> CausalLMOutput:
         """Logits (or final normed hidden states) for input_ids [B, T].
 
         attention_mask [B, T]: 1 = real token (padding may be on either side). position_ids restarting at
@@ -179,23 +188,32 @@ class DeepseekForCausalLM(nn.Module):
         shifted inside, -100 ignored) add the loss: CE + MTP loss + balance loss. With `cache`, the
         tokens are appended to it (position_ids then default to the cache offset). labels together with
         return_hidden: the caller computes its own token loss on the hidden states (e.g. GRPO's chunked
-        log-probs), so `loss` holds only the auxiliary part, MTP weight x MTP loss + balance loss."""
+        log-probs), so `loss` holds only the auxiliary part, MTP weight x MTP loss + balance loss.
+
+        Routing replay: `routes` [B, T, len(routed_layers()), K] makes each decoder MoE layer use those
+        experts for those tokens (-1 rows choose their own); `return_routes` returns the experts every
+        decoder MoE layer chose, in that layout (MTP modules always route themselves)."""
         ctx = self.attention_context(input_ids, attention_mask, position_ids, cache)
         training_loss = labels is not None
         balance = training_loss and self.training
         x = self.model.embed_tokens(input_ids)
-        balance_losses, loads = [], {}
+        balance_losses, loads, chosen = [], {}, []
+        slot = {layer: k for k, layer in enumerate(self.routed_layers())}
         for i, layer in enumerate(self.decoder_layers):
-            x, bl, load = self.run_layer(layer, x, ctx, attention_mask, balance)
+            route = routes[:, :, slot[i]] if routes is not None and i in slot else None
+            x, bl, load, indices = self.run_layer(layer, x, ctx, attention_mask, balance, route)
             balance_losses.append(bl)
             loads[i] = load
+            if indices is not None:
+                chosen.append(indices)
         hidden = self.model.norm(x)
+        routes_out = torch.stack(chosen, 2) if return_routes and chosen else None
         if cache is not None:
             cache.advance(ctx.new_valid)
         if not training_loss:
             self.count_loads(loads)
             return CausalLMOutput(logits=None if return_hidden else self.lm_head(hidden),
-                                  hidden_states=hidden if return_hidden else None)
+                                  hidden_states=hidden if return_hidden else None, routes=routes_out)
 
         logits = None if return_hidden else self.lm_head(hidden)
         lm_loss = None if return_hidden else F.cross_entropy(
@@ -205,7 +223,7 @@ class DeepseekForCausalLM(nn.Module):
         for k, layer in enumerate(self.mtp_layers, start=1):
             shifted = F.pad(input_ids[:, k:], (0, k), value=0)
             x = layer.combine(self.model.embed_tokens(shifted), previous)
-            x, bl, load = self.run_layer(layer, x, ctx, attention_mask, balance)
+            x, bl, load, _ = self.run_layer(layer, x, ctx, attention_mask, balance)
             balance_losses.append(bl)
             loads[self.config.num_hidden_layers + k - 1] = load
             previous = x
@@ -227,7 +245,7 @@ class DeepseekForCausalLM(nn.Module):
                if aux_tensors else {})
         aux.update(load_metrics({i: v for i, v in loads.items() if v is not None}))
         return CausalLMOutput(logits=None if return_hidden else logits,
-                              hidden_states=hidden if return_hidden else None, loss=loss, aux=aux)
+                              hidden_states=hidden if return_hidden else None, loss=loss, aux=aux, routes=routes_out)
 
     def count_loads(self, loads: dict[int, torch.Tensor | None]) -> None:
         if self.training:

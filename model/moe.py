@@ -48,20 +48,30 @@ class Gate(nn.Module):
         logits = F.linear(upcast(x), upcast(self.weight))
         return logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [N, H] -> routing weights [N, K] (fp32), expert indices [N, K], scores [N, E]."""
+    def forward(self, x: torch.Tensor, route: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, H] -> routing weights [N, K] (fp32), expert indices [N, K], scores [N, E].
+
+        `route` [N, K] replays a recorded expert selection (routing replay, Ma et al. 2025): rows >= 0
+        use those experts, rows of -1 choose their own. The weights still come from the live scores of
+        the chosen experts (renormalised and scaled as usual), so the router keeps its gradient."""
         scores = self.scores(x)
-        if self.topk_method == "noaux_tc":
-            indices = group_limited_topk(scores.detach() + self.e_score_correction_bias, self.top_k,
-                                         self.n_group, self.topk_group, "top2_sum")
-        elif self.topk_method == "group_limited_greedy":
-            indices = group_limited_topk(scores.detach(), self.top_k, self.n_group, self.topk_group, "max")
-        else:
-            indices = group_limited_topk(scores.detach(), self.top_k, 1, 1, "max")
+        indices = self.select(scores)
+        if route is not None:
+            indices = torch.where(route[:, :1] >= 0, route.to(indices.dtype), indices)
         weights = scores.gather(1, indices)
         if self.norm_topk_prob and self.top_k > 1:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return weights * self.routed_scaling_factor, indices, scores
+
+    def select(self, scores: torch.Tensor) -> torch.Tensor:
+        """The top-k experts [N, K] by score (V3: score + correction bias), within the best groups."""
+        if self.topk_method == "noaux_tc":
+            return group_limited_topk(scores.detach() + self.e_score_correction_bias, self.top_k,
+                                      self.n_group, self.topk_group, "top2_sum")
+        if self.topk_method == "group_limited_greedy":
+            return group_limited_topk(scores.detach(), self.top_k, self.n_group, self.topk_group, "max")
+        return group_limited_topk(scores.detach(), self.top_k, 1, 1, "max")
 
 
 def grouped_mm(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -154,13 +164,15 @@ class MoE(nn.Module):
             self.gate.e_score_correction_bias = self.gate.e_score_correction_bias.float()
         return self
 
-    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None, balance_loss: bool = False
-                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None, balance_loss: bool = False,
+                route: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """-> output, balance loss (alpha included; None unless asked), tokens per expert [E] (padding
-        excluded). Loads are returned, not accumulated here, so activation recomputation cannot
-        count a batch twice."""
+        excluded), the experts chosen per token [..., K]. Loads are returned, not accumulated here, so
+        activation recomputation cannot count a batch twice. `route` [..., K]: a selection to replay
+        (see `Gate.forward`); the loads and the balance loss count the experts actually used."""
         flat = x.flatten(0, -2)
-        weights, indices, scores = self.gate(flat)
+        weights, indices, scores = self.gate(flat, None if route is None else route.flatten(0, -2))
         out, counts = self.experts(flat, weights, indices)
         out = out.view(x.shape)
         if self.shared_experts is not None:
@@ -175,7 +187,7 @@ class MoE(nn.Module):
         if balance_loss and self.alpha > 0:
             loss = self.alpha * sequence_balance_loss(scores.view(*x.shape[:-1], -1),
                                                       indices.view(*x.shape[:-1], -1), token_mask, self.top_k)
-        return out, loss, load
+        return out, loss, load, indices.view(*x.shape[:-1], -1)
 
     @torch.no_grad()
     def update_bias(self, gamma: float) -> torch.Tensor:

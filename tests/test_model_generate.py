@@ -123,3 +123,44 @@ def test_hf_dense_model_through_the_same_function():
         hf = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=None,
                             pad_token_id=0)
         assert hf[0, len(prompt):].tolist() == tokens
+
+
+@pytest.mark.parametrize("use_mtp", [False, True])
+def test_recorded_routes_are_the_teacher_forced_ones(trained_model, use_mtp):
+    """R3: every fed token's experts, per decoder MoE layer, as a teacher-forced forward over prompt +
+    completion chooses them (fp32: same choices up to rounding near-ties); the last token, never fed, is -1.
+    With MTP drafting, rejected drafts' routes are dropped and their positions refilled."""
+    result = generate(trained_model, PROMPTS, 10, temperature=1.0, seed=3, use_mtp=use_mtp, record_routes=True)
+    layers = trained_model.routed_layers()
+    matched = total = 0
+    for prompt, tokens, routes in zip(PROMPTS, result.token_ids, result.routes, strict=True):
+        sequence = prompt + tokens
+        assert routes.shape == (len(sequence), len(layers), trained_model.config.num_experts_per_tok)
+        with torch.no_grad():
+            live = trained_model(torch.tensor([sequence]), return_hidden=True, return_routes=True).routes[0]
+        recorded = routes[:-1]  # every token but the last was fed to the model
+        assert (recorded >= 0).all()
+        same = (recorded.sort(-1).values == live[:-1].sort(-1).values).all(-1)
+        matched, total = matched + int(same.sum()), total + same.numel()
+    assert matched / total > 0.98, f"{matched}/{total} (token, layer) expert sets as teacher-forced"
+
+
+def test_replayed_routes_drive_the_forward(trained_model):
+    """A forward given routes uses exactly them (gate weights from the live scores, gradient into the
+    router); -1 rows route themselves."""
+    ids = torch.tensor([[10, 13, 16, 19, 22, 25, 28]])
+    with torch.no_grad():
+        own = trained_model(ids, return_routes=True)
+    other = torch.roll(own.routes, 1, dims=-1) + 1  # other experts, same shape
+    other = other % trained_model.config.n_routed_experts
+    other[:, 0] = -1  # the first token keeps its own choice
+    trained_model.zero_grad()
+    replayed = trained_model(ids, routes=other, return_routes=True)
+    assert torch.equal(replayed.routes[:, 1:], other[:, 1:]) and torch.equal(replayed.routes[:, 0], own.routes[:, 0])
+    assert not torch.allclose(replayed.logits[:, 1:], own.logits[:, 1:])
+    replayed.logits.sum().backward()
+    layer = trained_model.routed_layers()[0]
+    assert trained_model.moe_layers()[layer].gate.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        again = trained_model(ids, routes=own.routes)
+    torch.testing.assert_close(again.logits, own.logits, rtol=0, atol=0)

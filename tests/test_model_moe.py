@@ -50,7 +50,7 @@ def test_moe_equals_per_token_reference():
     moe, config = tiny_moe()
     moe.gate.e_score_correction_bias.normal_(0, 0.5)
     x = torch.randn(2, 9, config.hidden_size, dtype=torch.float64)
-    out, _, load = moe(x)
+    out, _, load, _ = moe(x)
     flat = x.flatten(0, 1)
     s = torch.sigmoid(flat @ moe.gate.weight.T)
     chosen = reference_group_limited(s + moe.gate.e_score_correction_bias, config.num_experts_per_tok,
@@ -104,7 +104,7 @@ def test_bias_update_moves_skewed_load_toward_uniform():
     gamma = 0.01
 
     def imbalance():
-        _, _, load = moe(x)
+        _, _, load, _ = moe(x)
         moe.expert_load += load
         return (load.max() / load.mean()).item()
 

@@ -27,12 +27,17 @@ class Completion:
     ``logprobs`` are the engine's log-probs of the sampled tokens under the distribution it sampled
     from (temperature applied), used for the rollout/trainer importance-sampling correction.
     ``truncated`` is True when generation stopped at ``max_tokens`` rather than at a stop token.
+    ``routes`` (MoE policies, when asked) feed routing replay: the trainer's forward over the same
+    tokens then uses the rollout's experts.
     """
 
     prompt_index: int
     token_ids: list[int]
     logprobs: list[float]
     truncated: bool
+    # routing replay (R3), engines that record it: the experts each token of prompt + completion was routed
+    # to in every decoder MoE layer [P + C, layers, K] (int16), -1 for a token the engine never fed
+    routes: torch.Tensor | None = None
 
 
 class RolloutEngine(Protocol):

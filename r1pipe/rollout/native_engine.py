@@ -15,8 +15,9 @@ from r1pipe.rollout.base import Completion, SamplingSettings
 
 
 class NativeEngine:
-    def __init__(self, policy, *, mtp_speculative: bool = False, pad_token_id: int = 0):
+    def __init__(self, policy, *, mtp_speculative: bool = False, pad_token_id: int = 0, record_routes: bool = False):
         self.policy, self.mtp_speculative, self.pad_token_id = policy, mtp_speculative, pad_token_id
+        self.record_routes = record_routes  # R3 routing replay: each completion carries its experts
         self.last_acceptance_rate: float | None = None
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingSettings, seed: int) -> list[Completion]:
@@ -36,12 +37,14 @@ class NativeEngine:
                 seed=seed,
                 use_mtp=self.mtp_speculative,
                 pad_token_id=self.pad_token_id,
+                record_routes=self.record_routes,
             )
         self.last_acceptance_rate = result.acceptance_rate
+        routes = result.routes or [None] * len(repeated)
         return [
-            Completion(row // sampling.n, tokens, logprobs, truncated)
-            for row, (tokens, logprobs, truncated) in enumerate(
-                zip(result.token_ids, result.logprobs, result.truncated, strict=True)
+            Completion(row // sampling.n, tokens, logprobs, truncated, route)
+            for row, (tokens, logprobs, truncated, route) in enumerate(
+                zip(result.token_ids, result.logprobs, result.truncated, routes, strict=True)
             )
         ]
 
