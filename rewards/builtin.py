@@ -38,7 +38,9 @@ def _correctness(completions, columns, source, pattern, timeout) -> list[bool | 
 @reward("accuracy", batched=True)
 def accuracy(prompts, completions, *, completion_ids=None, source: str = "auto", pattern: str | None = None,
              timeout: float = 5.0, **columns):
-    """Math: 1.0 when the last \\boxed{} answer equals the gold answer (math-verify), else 0.0; None if no gold."""
+    """Math: 1.0 when the last \\boxed{} answer equals the gold (math-verify; integers and fractions exactly, decimals to 6 significant digits; thousands spaces, units in \\text{}, ° and a final period ignored; huge or deeply nested answers score 0 unparsed), else 0.0; None when the gold has no final answer.
+
+    Rules and why: r1pipe.rewards.math (gold_answer, normalize, numbers_equal, too_costly)."""
     correct = _correctness(completions, columns, source, pattern, timeout)
     return [None if ok is None else float(ok) for ok in correct]
 
@@ -246,13 +248,16 @@ def countdown(prompt, completion, *, completion_ids=None, nums, target, format_s
 
 @reward("code", batched=True)
 def code_reward(prompts, completions, *, completion_ids=None, timeout: float = 10.0, memory_mb: int = 1024,
-                **columns):
-    """Pass fraction of the last ```python block on the row's tests (HumanEval, MBPP or stdin/stdout)."""
+                partial: bool = False, **columns):
+    """Code: 1.0 when the last ```python block passes every one of the row's tests (HumanEval, MBPP or stdin/stdout) after all ran, else 0.0; partial=true: the pass fraction.
+
+    All or nothing by default, as R1: with partial credit a program that passes the easy asserts and
+    fails the rest (subtly wrong, or hostile) is still rewarded."""
     rows = _rows(len(completions), columns)
     programs = [code_scoring.extract_code(text) for text in completions]
     limits = Limits(timeout_s=timeout, case_timeout_s=min(timeout, Limits.case_timeout_s), memory_mb=memory_mb)
     try:
-        return code_scoring.score_rows(rows, programs, limits=limits)
+        return code_scoring.score_rows(rows, programs, limits=limits, partial=partial)
     except ValueError as err:
         raise RewardError(f"reward 'code': {err}") from None
 

@@ -1,6 +1,10 @@
-"""Scoring Python programs against HumanEval rows, MBPP rows and stdin/stdout cases (pass fraction).
+"""Scoring Python programs against HumanEval rows, MBPP rows and stdin/stdout cases.
 
-Every program runs in `r1pipe.rewards.sandbox`; the batch functions send all jobs through its
+A score is either the pass fraction or, with `partial=False` (the `code` reward's default, after
+R1: a completion is correct or not), 1.0 only when every test passed after all of them ran and 0.0
+otherwise: partial credit rewards a program that passes the easy asserts and fails the rest, which
+is what a subtly wrong or a hostile program (writing outside its directory, printing fake markers)
+gets. Every program runs in `r1pipe.rewards.sandbox`; the batch functions send all jobs through its
 bounded pool at once. Used by the `code` reward and by evaluation.
 """
 
@@ -8,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-from r1pipe.rewards.sandbox import Job, Limits, Sandbox, default_sandbox, function_job, stdio_job
+from r1pipe.rewards.sandbox import Job, Limits, RunResult, Sandbox, default_sandbox, function_job, stdio_job
 
 _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.DOTALL)
 
@@ -63,16 +67,22 @@ def job_for(row: dict, program: str) -> Job:
 
 
 def score_rows(rows: list[dict], programs: list[str | None], *, sandbox: Sandbox | None = None,
-               limits: Limits | None = None) -> list[float]:
-    """Pass fraction of each program on its row's tests (0.0 for a missing program)."""
+               limits: Limits | None = None, partial: bool = True) -> list[float]:
+    """Score of each program on its row's tests (0.0 for a missing program): the pass fraction, or
+    with `partial=False` 1.0 when every test passed (`all_passed`) and 0.0 otherwise."""
     if len(rows) != len(programs):
         raise ValueError(f"score_rows: {len(rows)} rows but {len(programs)} programs")
     todo = [(i, job_for(row, program)) for i, (row, program) in enumerate(zip(rows, programs, strict=True)) if program]
     scores = [0.0] * len(rows)
     results = (sandbox or default_sandbox()).map([job for _, job in todo], limits)
     for (i, _), result in zip(todo, results, strict=True):
-        scores[i] = result.pass_fraction
+        scores[i] = result.pass_fraction if partial else float(all_passed(result))
     return scores
+
+
+def all_passed(result: RunResult) -> bool:
+    """The run ended cleanly with its report, with one passing bit for every test."""
+    return result.status == "ok" and bool(result.passed) and all(result.passed)
 
 
 def score_humaneval(row: dict, program: str, **kwargs) -> float:

@@ -115,6 +115,8 @@ def test_code_reward_and_code_format(shared_data):
     assert score("code_format", completions) == [1.0, 0.0, 0.0]
     assert score("code_format", ["```python\nx = 1\n```"], options={"require_think": False}) == [1.0]
     mbpp = {"test_list": [["assert f(1) == 2", "assert f(2) == 3"]], "test_setup_code": [""]}
-    assert score("code", ["```python\ndef f(x):\n    return 2\n```"], **mbpp) == [0.5]
+    half_right = ["```python\ndef f(x):\n    return 2\n```"]
+    assert score("code", half_right, **mbpp) == [0.0]  # R1: correct or not
+    assert score("code", half_right, options={"partial": True}, **mbpp) == [0.5]
     assert not math.isnan(sum(score("code", ["```python\nprint(int(input()) * 2)\n```"], inputs=[["2"]],
                                     outputs=[["4"]])))

@@ -64,6 +64,13 @@ def test_mbpp_scores_the_fraction_of_asserts(mbpp, sandbox):
     assert score_rows([row], [always], sandbox=sandbox)[0] == pytest.approx(1 / 3)
 
 
+def test_all_or_nothing_scores_one_only_when_every_test_passed(mbpp, sandbox):
+    row = next(r for r in mbpp if r["task_id"] == 2)
+    programs = ["def similar_elements(a, b):\n    return (4, 5)\n", row["code"],
+                row["code"] + "\nimport os\nos._exit(0)\n"]  # exits before the report: no test ran
+    assert score_rows([row] * 3, programs, sandbox=sandbox, partial=False) == [0.0, 1.0, 0.0]
+
+
 def test_stdio_rows_and_extract_code(sandbox):
     completion = "<think>sum it</think>\n```python\nprint(sum(map(int, input().split())))\n```\n"
     program = extract_code(completion)
