@@ -1,7 +1,8 @@
-"""GRPO maths: each equation of GRPO / DAPO / Dr. GRPO as one function on plain tensors.
+"""GRPO maths: each equation of GRPO and its variants as one function on plain tensors.
 
 Shapes: B completions (G per prompt, prompts contiguous), T completion tokens (right padded);
 ``mask`` [B, T] is 1 on real completion tokens. Log-probs are per sampled token ([B, T]).
+Advantages are one value per completion ([B]).
 
 The stage (``r1pipe.stages.grpo``) composes them; nothing here knows about models or engines, so
 every function is checked against a hand computation in tests/test_grpo_loss.py.
@@ -14,9 +15,14 @@ import torch
 
 LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
 ScaleRewards = Literal["group", "batch", "none"]
+Advantage = Literal["grpo", "rloo", "passk", "reinforce_pp", "reinforce_pp_baseline"]
+PolicyLoss = Literal["clip", "cispo"]
+RatioLevel = Literal["token", "sequence", "sequence_token"]
+KlEstimator = Literal["k1", "k2", "k3", "low_var_kl"]
 ImportanceCorrection = Literal["none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"]
 
 ADVANTAGE_EPS = 1e-4
+WHITEN_EPS = 1e-8
 
 
 def nan_std(values: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -31,24 +37,56 @@ def nan_std(values: torch.Tensor, dim: int | None = None) -> torch.Tensor:
 
 def group_advantages(
     rewards: torch.Tensor, group_size: int, scale_rewards: ScaleRewards = "group", eps: float = ADVANTAGE_EPS,
-    batch_std: torch.Tensor | float | None = None,
+    batch_std: torch.Tensor | float | None = None, estimator: Advantage = "grpo",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """GRPO advantage ``A_i = (r_i - mean_group(r)) / (std + eps)``, one value per completion.
+    """Group-baseline advantages, one value per completion: ``A_i = (r_i - b_i) / scale``.
 
+    The baseline ``b_i`` by ``estimator``, from the scored rewards of completion i's group:
+    - grpo: the group mean (GRPO, Shao et al. 2024, DeepSeekMath).
+    - rloo: the mean of the other completions, ``b_i = (sum_j r_j - r_i) / (G - 1)``, i.e.
+      ``A_i = G / (G - 1) * (r_i - mean)`` (RLOO, Ahmadian et al. 2024, "Back to Basics").
+    - passk: the group's best reward is every completion's reward and the leave-one-out best its
+      baseline, ``A_i = max_j r_j - max_{j != i} r_j``: only a group's unique best completion gets
+      credit, ``r_max - r_second``, the others 0 (leave-one-out pass@G, Tang et al. 2025, "Optimizing
+      language models for inference time objectives using RL"; verl ``grpo_passk``).
+    - reinforce_pp: no baseline (``A_i = r_i``, any scored reward counts); reinforce_pp_baseline: the
+      group mean. Both are then whitened over the whole step by ``batch_whiten`` (REINFORCE++, Hu
+      2025), so ``scale_rewards`` must be "none" for them.
     ``scale_rewards``: "group" divides by the group's std (GRPO), "batch" by the std of the whole
-    batch (more robust when groups are nearly uniform), "none" does not divide (Dr. GRPO).
+    batch's rewards (more robust when groups are nearly uniform), "none" does not divide (Dr. GRPO).
     ``batch_std``: the std of the whole optimizer step's rewards when ``rewards`` is one rank's share
     of it (default: the std of ``rewards``).
     A NaN reward (a completion no reward could score, e.g. an unparseable gold answer) is left out of
-    its group's mean/std and gets advantage 0, so it neither teaches nor biases the baseline.
+    its group's baseline and std and gets advantage 0, so it neither teaches nor biases the baseline;
+    so does every completion of a group with fewer than two scored rewards (but for reinforce_pp, which
+    needs no baseline).
     Returns (advantages [B], zero_std [B] bool: the completion's group has no reward spread).
     """
     if rewards.ndim != 1 or rewards.numel() % group_size:
         raise ValueError(f"rewards: expected a flat tensor of groups of {group_size}, got shape {tuple(rewards.shape)}")
+    if estimator.startswith("reinforce_pp") and scale_rewards != "none":
+        raise ValueError(f"estimator {estimator}: whitened over the batch by batch_whiten; pass scale_rewards='none'")
     grouped = rewards.view(-1, group_size)
-    group_mean = grouped.nanmean(dim=1, keepdim=True)
+    valid = ~grouped.isnan()
+    scored = valid.sum(dim=1, keepdim=True)
     group_std = nan_std(grouped, dim=1)[:, None].expand_as(grouped)
-    centred = grouped - group_mean
+    if estimator in ("grpo", "reinforce_pp_baseline"):
+        centred = grouped - grouped.nanmean(dim=1, keepdim=True)
+    elif estimator == "rloo":
+        centred = grouped - (grouped.nansum(dim=1, keepdim=True) - grouped) / (scored - 1).clamp(min=1)
+    elif estimator == "passk":
+        best = torch.where(valid, grouped, torch.full_like(grouped, -torch.inf))
+        top2 = best.topk(min(2, group_size), dim=1).values
+        # the best of the others: the group's best, except for the (first) best completion: the runner-up
+        is_top = torch.zeros_like(valid).scatter_(1, best.argmax(dim=1, keepdim=True), True)
+        centred = top2[:, :1] - torch.where(is_top, top2[:, -1:], top2[:, :1])
+    elif estimator == "reinforce_pp":
+        centred = grouped
+    else:
+        raise ValueError(f"advantage: unknown estimator {estimator!r} (grpo, rloo, passk, reinforce_pp, "
+                         "reinforce_pp_baseline)")
+    counted = valid if estimator == "reinforce_pp" else valid & (scored > 1)  # a baseline needs another reward
+    centred = torch.where(counted, centred, torch.zeros_like(centred))
     if scale_rewards == "group":
         advantages = centred / (group_std + eps)
     elif scale_rewards == "batch":
@@ -58,7 +96,29 @@ def group_advantages(
     else:
         raise ValueError(f"scale_rewards: unknown value {scale_rewards!r} (group, batch, none)")
     zero_std = group_std < 1e-8
-    return advantages.nan_to_num(0.0).reshape(-1), zero_std.reshape(-1)
+    return advantages.reshape(-1), zero_std.reshape(-1)
+
+
+def batch_whiten(
+    values: torch.Tensor, weights: torch.Tensor,
+    batch_values: torch.Tensor | None = None, batch_weights: torch.Tensor | None = None, eps: float = WHITEN_EPS,
+) -> torch.Tensor:
+    """REINFORCE++ batch normalisation (Hu 2025): ``A_i = (x_i - mu) / sqrt(var + 1e-8)``.
+
+    ``mu`` and ``var`` are the weighted mean and unbiased variance of the whole step's values,
+    ``mu = sum_j w_j x_j / W``, ``var = sum_j w_j (x_j - mu)^2 / (W - 1)``, W = sum_j w_j. With
+    ``w_i`` = completion i's loss tokens (0 for an unscored one) this is verl's ``masked_whiten`` of
+    the outcome advantage broadcast over the tokens. ``batch_values`` / ``batch_weights``: the whole
+    step's over all ranks when ``values`` is one rank's share (default: ``values`` / ``weights``).
+    A completion with weight 0 gets advantage 0.
+    """
+    all_values = values if batch_values is None else batch_values
+    all_weights = weights if batch_weights is None else batch_weights
+    total = all_weights.sum()
+    mean = (all_weights * all_values).sum() / total.clamp(min=1e-12)
+    var = (all_weights * (all_values - mean) ** 2).sum() / (total - 1).clamp(min=1.0)
+    whitened = (values - mean) / torch.sqrt(var + eps)
+    return torch.where(weights > 0, whitened, torch.zeros_like(whitened))
 
 
 def groups_with_signal(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -82,22 +142,105 @@ def overlong_filter(mask: torch.Tensor, truncated: torch.Tensor) -> torch.Tensor
     return mask * (~truncated.bool())[:, None].to(mask.dtype)
 
 
-def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Schulman's k3 estimator of KL(pi || ref) per token: ``exp(ref - logp) - (ref - logp) - 1`` >= 0."""
-    delta = ref_logp - logp
-    return torch.exp(delta) - delta - 1
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: KlEstimator = "k3") -> torch.Tensor:
+    """Per-token estimate of KL(pi || ref) from the sampled tokens' log-probs, d = logp - ref_logp.
+
+    Schulman 2020, "Approximating KL divergence":
+    - k1 = d (unbiased, can be negative; as a loss its expected gradient is 0);
+    - k2 = d^2 / 2 (biased, >= 0; as a loss its gradient is the true reverse-KL gradient on-policy);
+    - k3 = exp(-d) + d - 1 (unbiased, >= 0; GRPO's choice);
+    - low_var_kl = k3 with d clamped to [-20, 20] and the result to [-10, 10] (verl's low_var_kl).
+    """
+    d = logp - ref_logp
+    if estimator == "k1":
+        return d
+    if estimator == "k2":
+        return 0.5 * d**2
+    if estimator == "k3":
+        return torch.exp(-d) + d - 1
+    if estimator == "low_var_kl":
+        d = d.clamp(-20.0, 20.0)
+        return (torch.exp(-d) + d - 1).clamp(-10.0, 10.0)
+    raise ValueError(f"kl_estimator: unknown value {estimator!r} (k1, k2, k3, low_var_kl)")
+
+
+def kl_penalised_rewards(
+    rewards: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, beta: float,
+    estimator: KlEstimator = "k3",
+) -> torch.Tensor:
+    """KL folded into the reward: ``r_i - beta * sum_t kl_t`` over completion i's tokens ([B]).
+
+    The per-token KL penalty of RLHF-PPO (Ouyang et al. 2022; verl ``use_kl_in_reward``), summed
+    over the completion because every advantage here is one value per completion; ``logp`` are
+    the rollout policy's (old) log-probs, so the penalty carries no gradient.
+    """
+    return rewards - beta * (kl_estimate(logp, ref_logp, estimator).detach() * mask).sum(dim=1)
+
+
+def importance_ratio(
+    logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, level: RatioLevel = "token"
+) -> torch.Tensor:
+    """The ratio pi_theta / pi_old the surrogate clips: [B, T] per token, [B, 1] per sequence.
+
+    - token: ``r_t = exp(logp_t - old_t)`` (PPO / GRPO).
+    - sequence: ``s_i = exp(sum_t mask_t (logp_t - old_t) / |y_i|)``, the geometric mean of the token
+      ratios over the completion, its gradient through every token (GSPO, Zheng et al. 2025;
+      TRL ``importance_sampling_level: sequence``).
+    - sequence_token: ``s_i,t = sg[s_i] * exp(logp_t - sg[logp_t])``, the value of ``s_i`` with a
+      per-token gradient (GSPO-token; verl ``gspo``). For one advantage per completion it gives
+      GSPO's gradient.
+    """
+    log_ratio = logp - old_logp
+    if level == "token":
+        return torch.exp(log_ratio)
+    sequence = (log_ratio * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
+    if level == "sequence":
+        return torch.exp(sequence)
+    if level == "sequence_token":
+        return torch.exp(sequence.detach() + logp - logp.detach())
+    raise ValueError(f"importance_sampling_level: unknown value {level!r} (token, sequence, sequence_token)")
 
 
 def clipped_surrogate(
-    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, eps_low: float, eps_high: float
+    ratio: torch.Tensor, advantages: torch.Tensor, eps_low: float, eps_high: float, clip_ratio_c: float | None = None
 ) -> torch.Tensor:
-    """PPO/GRPO token loss ``-min(rho*A, clip(rho, 1-eps_low, 1+eps_high)*A)``, rho = exp(logp - old).
+    """PPO/GRPO token loss ``-min(rho*A, clip(rho, 1-eps_low, 1+eps_high)*A)`` (Schulman et al. 2017).
 
-    eps_high > eps_low is DAPO's clip-higher. ``advantages`` is [B] (one per completion).
+    eps_high > eps_low is DAPO's clip-higher. ``clip_ratio_c`` = c > 1 is dual-clip PPO (Ye et al.
+    2020, "Mastering complex control in MOBA games"; verl ``clip_ratio_c``): for A < 0 the objective
+    is ``max(min(rho*A, clip(rho)*A), c*A)``, so the loss of a token whose ratio ran away upwards is
+    capped at ``-c*A`` (and gets no gradient). ``ratio`` is [B, T] or [B, 1] (``importance_ratio``);
+    ``advantages`` is [B] (one per completion).
     """
-    ratio = torch.exp(logp - old_logp)
     adv = advantages[:, None]
-    return -torch.min(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)
+    loss = -torch.min(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)
+    if clip_ratio_c is not None:
+        loss = torch.where(adv < 0, torch.min(loss, -clip_ratio_c * adv), loss)
+    return loss
+
+
+def cispo_surrogate(
+    ratio: torch.Tensor, logp: torch.Tensor, advantages: torch.Tensor, eps_low: float, eps_high: float
+) -> torch.Tensor:
+    """CISPO token loss ``-sg(clip(rho, 1-eps_low, 1+eps_high)) * A * logp`` (MiniMax-M1, 2025).
+
+    The importance weight is clipped and detached instead of the update: REINFORCE weighted by the
+    clipped ratio, so a token outside the clip range keeps its gradient ``-w*A``. MiniMax set only
+    the upper bound (eps_low = 1 here: no lower bound). ``ratio`` is [B, T] or [B, 1].
+    """
+    weight = ratio.detach().clamp(1 - eps_low, 1 + eps_high)
+    return -weight * advantages[:, None] * logp
+
+
+def entropy_loss(entropy: torch.Tensor, mask: torch.Tensor, coef: float, batch_tokens: float | None = None
+                 ) -> torch.Tensor:
+    """Entropy bonus as a loss term: ``-coef * sum_t H_t / N`` (PPO's entropy bonus, Schulman et al. 2017).
+
+    H_t is the policy's entropy at completion token t, N the unmasked tokens of the whole optimizer
+    step (``batch_tokens``, over all ranks; default: this micro-batch's), so micro-batches and ranks
+    sum to ``-coef x`` the step's mean token entropy, whatever ``loss_type`` is.
+    """
+    return -coef * aggregate_loss(entropy, mask, "dapo", max_completion_length=1, batch_tokens=batch_tokens)
 
 
 def rollout_importance_weights(
@@ -148,6 +291,7 @@ def aggregate_loss(
     - bnpo:    sum / tokens of this micro-batch, averaged over all micro-batches (TRL's bnpo).
     - dapo:    sum / tokens of the whole optimizer step (DAPO's token-level loss).
     - dr_grpo: sum / (sequences * max_completion_length) (Dr. GRPO, no length bias).
+    A [B, 1] loss (a sequence-level ratio) counts once per unmasked token.
     """
     masked = token_loss * mask
     sequences = batch_sequences if batch_sequences is not None else token_loss.shape[0]
@@ -170,22 +314,40 @@ def grpo_token_loss(
     *,
     eps_low: float,
     eps_high: float,
+    mask: torch.Tensor | None = None,
+    policy_loss: PolicyLoss = "clip",
+    level: RatioLevel = "token",
+    clip_ratio_c: float | None = None,
     beta: float = 0.0,
+    kl_estimator: KlEstimator = "k3",
     ref_logp: torch.Tensor | None = None,
     importance_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-token GRPO objective: ``w * clipped_surrogate + beta * k3`` ([B, T]).
+    """Per-token objective: ``w * surrogate(ratio) + beta * kl`` ([B, T]).
 
+    ``ratio`` from ``importance_ratio`` at ``level`` (``mask`` [B, T] for the sequence levels;
+    default: every token); ``surrogate`` is ``clipped_surrogate`` (policy_loss "clip", dual-clipped
+    with ``clip_ratio_c``) or ``cispo_surrogate``; ``kl`` is ``kl_estimate`` by ``kl_estimator``.
     ``importance_weights`` (from ``rollout_importance_weights``) multiply the policy-gradient term
     only; the KL term is exact on the trainer side. beta > 0 needs ``ref_logp``.
     """
-    loss = clipped_surrogate(logp, old_logp, advantages, eps_low, eps_high)
+    mask = torch.ones_like(logp) if mask is None else mask
+    ratio = importance_ratio(logp, old_logp, mask, level)
+    if policy_loss == "clip":
+        loss = clipped_surrogate(ratio, advantages, eps_low, eps_high, clip_ratio_c)
+    elif policy_loss == "cispo":
+        if clip_ratio_c is not None:
+            raise ValueError("clip_ratio_c: dual-clip applies to policy_loss 'clip', not 'cispo'")
+        loss = cispo_surrogate(ratio, logp, advantages, eps_low, eps_high)
+    else:
+        raise ValueError(f"policy_loss: unknown value {policy_loss!r} (clip, cispo)")
+    loss = loss.expand_as(logp)
     if importance_weights is not None:
         loss = loss * importance_weights
     if beta > 0:
         if ref_logp is None:
             raise ValueError("beta > 0 needs reference log-probs (ref_logp)")
-        loss = loss + beta * k3_kl(logp, ref_logp)
+        loss = loss + beta * kl_estimate(logp, ref_logp, kl_estimator)
     return loss
 
 
@@ -197,25 +359,45 @@ def policy_stats(
     *,
     eps_low: float,
     eps_high: float,
+    policy_loss: PolicyLoss = "clip",
+    level: RatioLevel = "token",
+    clip_ratio_c: float | None = None,
+    kl_estimator: KlEstimator = "k3",
     ref_logp: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Policy-gradient diagnostics over unmasked tokens (the printed loss is ~0 when mu=1, beta=0).
 
-    clip_low / clip_high: share of tokens whose clipped term is active (no gradient) on each side;
-    kl: mean k3 to the reference (when given); ratio_mean: mean of rho.
+    Token means: clip_low / clip_high, the share of tokens clipped on each side (clip: the clipped
+    term is active, no gradient: rho < 1-eps_low with A < 0, rho > 1+eps_high with A > 0; cispo: the
+    IS weight is clipped, whatever the sign of A); clip_dual: tokens whose dual-clip cap is active
+    (A < 0, rho > c); clip_fraction = low + high + dual; ratio_mean; ppo_kl = mean(old - logp), the
+    k1 estimate of KL(pi_old || pi_theta) (verl's ppo_kl); kl: the ``kl_estimator`` to the reference
+    (when given). Extrema (keys ending in _min / _max: reduce them with min / max, not a mean; absent
+    without unmasked tokens): ratio_min, ratio_max. A sequence-level ratio counts once per token.
     """
     with torch.no_grad():
-        ratio = torch.exp(logp - old_logp)
+        ratio = importance_ratio(logp, old_logp, mask, level).expand_as(logp)
         adv = advantages[:, None].expand_as(ratio)
         tokens = mask.sum().clamp(min=1.0)
-        low = ((ratio < 1 - eps_low) & (adv < 0)).float()
-        high = ((ratio > 1 + eps_high) & (adv > 0)).float()
+        below, above = ratio < 1 - eps_low, ratio > 1 + eps_high
+        if policy_loss == "clip":
+            below, above = below & (adv < 0), above & (adv > 0)
+        dual = (adv < 0) & (ratio > clip_ratio_c) if clip_ratio_c is not None else torch.zeros_like(below)
+
+        def mean(values: torch.Tensor) -> float:
+            return float((values.float() * mask).sum() / tokens)
+
+        real = mask > 0
         stats = {
-            "clip_low": float((low * mask).sum() / tokens),
-            "clip_high": float((high * mask).sum() / tokens),
-            "ratio_mean": float((ratio * mask).sum() / tokens),
+            "clip_low": mean(below),
+            "clip_high": mean(above),
+            "clip_dual": mean(dual),
+            "ratio_mean": mean(ratio),
+            "ppo_kl": mean(old_logp - logp),
         }
-        stats["clip_fraction"] = stats["clip_low"] + stats["clip_high"]
+        if real.any():
+            stats.update(ratio_min=float(ratio[real].min()), ratio_max=float(ratio[real].max()))
+        stats["clip_fraction"] = stats["clip_low"] + stats["clip_high"] + stats["clip_dual"]
         if ref_logp is not None:
-            stats["kl"] = float((k3_kl(logp, ref_logp) * mask).sum() / tokens)
+            stats["kl"] = mean(kl_estimate(logp, ref_logp, kl_estimator))
     return stats

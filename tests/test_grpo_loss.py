@@ -76,7 +76,7 @@ def test_k3_kl_term_added_with_beta():
 
     assert loss[0, 0].item() == pytest.approx(ROW0[0] + 0.1 * k3(-1.0, -0.9), abs=1e-6)
     assert loss[1, 1].item() == pytest.approx(ROW1[1] + 0.1 * k3(-1.2, -1.0), abs=1e-6)
-    assert (grpo.k3_kl(LOGP, ref) >= 0).all()
+    assert (grpo.kl_estimate(LOGP, ref, "k3") >= 0).all()
     with pytest.raises(ValueError, match="ref_logp"):
         _token_loss(beta=0.1)
 
@@ -174,7 +174,7 @@ def test_importance_weights_scale_the_policy_term_and_not_the_kl():
     beta = 0.3
     plain_loss, plain_grad = _clip_grad()
     loss, grad = _clip_grad(importance_weights=CLIP_W, beta=beta, ref_logp=CLIP_REF)
-    k3 = grpo.k3_kl(CLIP_LOGP, CLIP_REF)
+    k3 = grpo.kl_estimate(CLIP_LOGP, CLIP_REF, "k3")
     torch.testing.assert_close(loss, CLIP_W * plain_loss + beta * k3, atol=1e-6, rtol=1e-6)
     kl_grad = beta * (1 - torch.exp(CLIP_REF - CLIP_LOGP))
     torch.testing.assert_close(grad, CLIP_W * plain_grad + kl_grad, atol=1e-6, rtol=1e-6)
@@ -198,3 +198,212 @@ def test_batch_scaling_takes_the_whole_steps_std():
     share, _ = grpo.group_advantages(rewards[:4], 4, "batch", batch_std=grpo.nan_std(rewards))
     torch.testing.assert_close(share, whole[:4])
     assert not torch.allclose(grpo.group_advantages(rewards[:4], 4, "batch")[0], whole[:4])
+
+
+# ----------------------------------------------------------------------------------------------
+# Policy objectives beyond the token-level clip: GSPO, CISPO, dual-clip; KL estimators; entropy bonus
+
+
+def _grad(level="token", logp=LOGP, old=OLD, adv=ADV, mask=MASK, **kwargs):
+    """Token losses and d(sum of masked token losses)/d logp."""
+    logp = logp.clone().requires_grad_(True)
+    loss = grpo.grpo_token_loss(logp, old, adv, eps_low=kwargs.pop("eps_low", EPS_LOW),
+                                eps_high=kwargs.pop("eps_high", EPS_HIGH), mask=mask, level=level, **kwargs)
+    (loss * mask).sum().backward()
+    return loss.detach(), logp.grad
+
+
+# Sequence ratios of the fixed batch: the geometric mean of the token ratios over each completion.
+S0 = math.exp((0.1 - 0.5 + 0.0) / 3)  # 0.875, A=+1: inside [0.8, 1.28]
+S1 = math.exp((0.0 - 0.7) / 2)  # 0.705 < 0.8 with A=-2: clipped for the whole sequence (padding slot ignored)
+
+
+@pytest.mark.parametrize("level", ["sequence", "sequence_token"])
+def test_gspo_clips_whole_sequences(level):
+    """GSPO: every token of a completion carries -min(s*A, clip(s)*A); the unclipped one's tokens each get
+    the gradient -s*A (sequence: d s/d logp_t = s/|y| summed over |y| equal tokens; sequence_token: s per
+    token), the clipped one's get none, although its first token's own ratio (1.0) is inside the range."""
+    loss, grad = _grad(level)
+    torch.testing.assert_close(loss[0], torch.full((3,), -S0), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(loss[1, :2], torch.full((2,), 1.6), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(grad, torch.tensor([[-S0] * 3, [0.0, 0.0, 0.0]]), atol=1e-6, rtol=1e-6)
+    token_loss, token_grad = _grad("token")
+    assert token_grad[1, 0].item() == pytest.approx(2.0)  # token level: rho = 1 there, gradient -rho*A
+    stats = grpo.policy_stats(LOGP, OLD, ADV, MASK, eps_low=EPS_LOW, eps_high=EPS_HIGH, level=level)
+    assert stats["clip_low"] == pytest.approx(2 / 5) and stats["clip_high"] == 0.0  # both tokens of completion 1
+    assert stats["ratio_min"] == pytest.approx(S1) and stats["ratio_max"] == pytest.approx(S0)
+    assert stats["ratio_mean"] == pytest.approx((3 * S0 + 2 * S1) / 5)
+
+
+def test_gspo_aggregated_as_in_the_paper():
+    """loss_type grpo (mean over sequences of the token mean) on a sequence ratio is GSPO's
+    mean_i -min(s_i A_i, clip(s_i) A_i); the paper's tiny clip range clips completion 1 (s = 0.705 < 1 - 3e-4)."""
+    ratio = grpo.importance_ratio(LOGP, OLD, MASK, "sequence")
+    assert ratio.flatten().tolist() == pytest.approx([S0, S1])
+    loss, _ = _grad("sequence", eps_low=3e-4, eps_high=4e-4)
+    total = grpo.aggregate_loss(loss, MASK, "grpo", max_completion_length=4)
+    assert total.item() == pytest.approx((-S0 * 1.0 + (1 - 3e-4) * 2.0) / 2, abs=1e-6)
+
+
+# rho = exp(CLIP_LOGP) (old log-probs 0): [[1.65, 1.11, 0.61], [1.65, 0.61, 1.11]], A = [2, -1]
+RHO = [[math.exp(0.5), math.exp(0.1), math.exp(-0.5)], [math.exp(0.5), math.exp(-0.5), math.exp(0.1)]]
+W_CISPO = [[1 + EPS_HIGH, RHO[0][1], 1 - EPS_LOW], [1 + EPS_HIGH, 1 - EPS_LOW, RHO[1][2]]]  # clip(rho), detached
+
+
+def test_cispo_keeps_the_gradient_of_clipped_tokens():
+    """CISPO: loss -w*A*logp with w = sg(clip(rho)); gradient -w*A on every token, the clipped ones included
+    (the clip surrogate gives 0 at (0,0) and (1,1))."""
+    loss, grad = _grad(logp=CLIP_LOGP, old=torch.zeros(2, 3), adv=CLIP_ADV, mask=torch.ones(2, 3),
+                       policy_loss="cispo")
+    adv = [2.0, -1.0]
+    expected_loss = [[-W_CISPO[i][t] * adv[i] * float(CLIP_LOGP[i, t]) for t in range(3)] for i in range(2)]
+    expected_grad = [[-W_CISPO[i][t] * adv[i] for t in range(3)] for i in range(2)]
+    torch.testing.assert_close(loss, torch.tensor(expected_loss), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(grad, torch.tensor(expected_grad), atol=1e-6, rtol=1e-6)
+    assert (grad != 0).all()
+    stats = grpo.policy_stats(CLIP_LOGP, torch.zeros(2, 3), CLIP_ADV, torch.ones(2, 3), eps_low=EPS_LOW,
+                              eps_high=EPS_HIGH, policy_loss="cispo")
+    assert stats["clip_high"] == pytest.approx(2 / 6) and stats["clip_low"] == pytest.approx(2 / 6)
+    with pytest.raises(ValueError, match="clip_ratio_c"):
+        _grad(policy_loss="cispo", clip_ratio_c=3.0)
+
+
+def test_cispo_without_lower_bound():
+    """eps_low = 1 (MiniMax: upper bound only): weights below 1 are the raw ratios."""
+    _, grad = _grad(logp=CLIP_LOGP, old=torch.zeros(2, 3), adv=CLIP_ADV, mask=torch.ones(2, 3),
+                    policy_loss="cispo", eps_low=1.0)
+    assert grad[0, 2].item() == pytest.approx(-RHO[0][2] * 2.0)
+    assert grad[1, 1].item() == pytest.approx(-RHO[1][1] * -1.0)
+
+
+def test_dual_clip_caps_negative_advantages():
+    """clip_ratio_c = 1.5: completion 1 (A = -1), token 0 has rho = 1.65 > c: its loss -rho*A = 1.65 is capped
+    at c*|A| = 1.5 and gets no gradient; tokens below c keep the plain clipped loss; A > 0 is untouched."""
+    plain_loss, plain_grad = _grad(logp=CLIP_LOGP, old=torch.zeros(2, 3), adv=CLIP_ADV, mask=torch.ones(2, 3))
+    loss, grad = _grad(logp=CLIP_LOGP, old=torch.zeros(2, 3), adv=CLIP_ADV, mask=torch.ones(2, 3), clip_ratio_c=1.5)
+    assert plain_loss[1, 0].item() == pytest.approx(RHO[1][0]) and plain_grad[1, 0].item() == pytest.approx(RHO[1][0])
+    assert loss[1, 0].item() == pytest.approx(1.5) and grad[1, 0].item() == 0.0
+    assert loss[1, 1:].tolist() == pytest.approx([1 - EPS_LOW, RHO[1][2]])  # below c: unchanged
+    torch.testing.assert_close(loss[0], plain_loss[0])
+    torch.testing.assert_close(grad[0], plain_grad[0])
+    torch.testing.assert_close(grad[1, 1:], plain_grad[1, 1:])
+    stats = grpo.policy_stats(CLIP_LOGP, torch.zeros(2, 3), CLIP_ADV, torch.ones(2, 3), eps_low=EPS_LOW,
+                              eps_high=EPS_HIGH, clip_ratio_c=1.5)
+    assert stats["clip_dual"] == pytest.approx(1 / 6)
+    assert stats["clip_fraction"] == pytest.approx(3 / 6)  # + one clipped on each side
+
+
+@pytest.mark.parametrize(
+    "estimator, value, slope",
+    [
+        ("k1", lambda d: d, lambda d: 1.0),
+        ("k2", lambda d: d * d / 2, lambda d: d),
+        ("k3", lambda d: math.exp(-d) + d - 1, lambda d: 1 - math.exp(-d)),
+        ("low_var_kl", lambda d: math.exp(-d) + d - 1, lambda d: 1 - math.exp(-d)),
+    ],
+)
+def test_kl_estimators_values_and_gradients(estimator, value, slope):
+    """d = logp - ref on CLIP_LOGP / CLIP_REF; beta * kl is added to the loss, its gradient beta * dkl/dd."""
+    beta = 0.5
+    d = (CLIP_LOGP - CLIP_REF).tolist()
+    base_loss, base_grad = _grad(logp=CLIP_LOGP, old=torch.zeros(2, 3), adv=CLIP_ADV, mask=torch.ones(2, 3))
+    loss, grad = _grad(logp=CLIP_LOGP, old=torch.zeros(2, 3), adv=CLIP_ADV, mask=torch.ones(2, 3), beta=beta,
+                       kl_estimator=estimator, ref_logp=CLIP_REF)
+    expected = [[value(x) for x in row] for row in d]
+    torch.testing.assert_close(grpo.kl_estimate(CLIP_LOGP, CLIP_REF, estimator), torch.tensor(expected))
+    torch.testing.assert_close(loss - base_loss, beta * torch.tensor(expected), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(grad - base_grad, beta * torch.tensor([[slope(x) for x in row] for row in d]),
+                               atol=1e-6, rtol=1e-6)
+
+
+def test_low_var_kl_is_clamped():
+    """verl's low_var_kl: d clamped to [-20, 20], the estimate to [-10, 10] (flat there: no gradient)."""
+    logp = torch.tensor([[-30.0, 25.0, 0.3]], requires_grad=True)
+    kl = grpo.kl_estimate(logp, torch.zeros(1, 3), "low_var_kl")
+    kl.sum().backward()
+    assert kl[0].tolist() == pytest.approx([10.0, 10.0, math.exp(-0.3) + 0.3 - 1])
+    assert logp.grad[0].tolist() == pytest.approx([0.0, 0.0, 1 - math.exp(-0.3)])
+    assert grpo.kl_estimate(logp.detach(), torch.zeros(1, 3), "k3")[0, 0].item() == pytest.approx(math.exp(30) - 31)
+
+
+def test_kl_folded_into_the_reward():
+    """r_i - beta * sum_t k3_t over completion i's unmasked tokens; no gradient reaches the log-probs."""
+    ref = torch.tensor([[-0.9, -2.5, -0.5], [-0.1, -1.0, 7.0]])  # the masked slot's 7.0 must not count
+    logp = LOGP.clone().requires_grad_(True)
+    penalised = grpo.kl_penalised_rewards(torch.tensor([1.0, 0.0]), logp, ref, MASK, 0.1, "k3")
+
+    def k3(lp, rf):
+        return math.exp(rf - lp) - (rf - lp) - 1
+
+    expected0 = 1.0 - 0.1 * (k3(-1.0, -0.9) + k3(-2.0, -2.5) + k3(-0.5, -0.5))
+    expected1 = 0.0 - 0.1 * (k3(-0.3, -0.1) + k3(-1.2, -1.0))
+    assert penalised.tolist() == pytest.approx([expected0, expected1], abs=1e-6)
+    assert not penalised.requires_grad
+
+
+def test_entropy_bonus_is_the_steps_mean_token_entropy():
+    """-coef * sum H / N over the whole step: gradient -coef / N per unmasked token, and two micro-batches
+    with the step's token count sum to the one-batch value."""
+    entropy = torch.tensor([[1.0, 2.0, 0.5], [0.2, 0.4, 9.0]], requires_grad=True)
+    bonus = grpo.entropy_loss(entropy, MASK, 0.01)
+    bonus.backward()
+    assert bonus.item() == pytest.approx(-0.01 * (1.0 + 2.0 + 0.5 + 0.2 + 0.4) / 5)
+    torch.testing.assert_close(entropy.grad, -0.01 / 5 * MASK)
+    parts = [grpo.entropy_loss(entropy[i : i + 1], MASK[i : i + 1], 0.01, batch_tokens=5.0) for i in range(2)]
+    assert sum(parts).item() == pytest.approx(bonus.item())
+
+
+def test_ppo_kl_and_ratio_extrema():
+    """ppo_kl = mean(old - logp) over unmasked tokens (k1 of KL(old || new), verl); ratio extrema skip padding."""
+    stats = grpo.policy_stats(LOGP, OLD, ADV, MASK, eps_low=EPS_LOW, eps_high=EPS_HIGH)
+    assert stats["ppo_kl"] == pytest.approx((-0.1 + 0.5 + 0.0 + 0.0 + 0.7) / 5)
+    assert stats["ratio_min"] == pytest.approx(math.exp(-0.7)) and stats["ratio_max"] == pytest.approx(math.exp(0.1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Advantage estimators
+
+REWARDS = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0])
+
+
+def test_rloo_leave_one_out_baseline():
+    adv, _ = grpo.group_advantages(REWARDS, 4, "none", estimator="rloo")
+    assert adv.tolist() == pytest.approx([1.0, -1 / 3, -1 / 3, -1 / 3, 1 / 3, 1 / 3, -1.0, 1 / 3])
+    # an unscored completion is left out of the others' baselines: [1, NaN, 0, 0] -> baselines 0, -, 1/2, 1/2
+    adv, _ = grpo.group_advantages(torch.tensor([1.0, float("nan"), 0.0, 0.0]), 4, "none", estimator="rloo")
+    assert adv.tolist() == pytest.approx([1.0, 0.0, -0.5, -0.5])
+    # = G/(G-1) x the GRPO advantage, so with group scaling too
+    grpo_adv, _ = grpo.group_advantages(REWARDS, 4, "group")
+    torch.testing.assert_close(grpo.group_advantages(REWARDS, 4, "group", estimator="rloo")[0], grpo_adv * 4 / 3)
+
+
+def test_passk_credits_only_a_unique_best():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.2, 0.7, 0.5, 0.1, 0.3, float("nan"), 0.9, 0.9])
+    adv, _ = grpo.group_advantages(rewards, 4, "none", estimator="passk")
+    assert adv.tolist() == pytest.approx([1.0, 0, 0, 0,  # max 1 - max of the others 0
+                                          0, 0, 0, 0,  # tied best: no completion is decisive
+                                          0, 0.7 - 0.5, 0, 0,  # r_max - r_second
+                                          0, 0, 0, 0])  # tie among the scored ones
+    adv, _ = grpo.group_advantages(rewards[8:12], 4, "group", estimator="passk")
+    assert adv[1].item() == pytest.approx(0.2 / (statistics.stdev([0.2, 0.7, 0.5, 0.1]) + 1e-4))
+
+
+def test_reinforce_pp_whitens_over_the_batch_by_tokens():
+    """x_i whitened with the token-weighted mean and unbiased variance of the whole batch."""
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, float("nan"), 1.0])
+    tokens = torch.tensor([2.0, 1.0, 3.0, 0.0, 1.0, 2.0, 4.0, 1.0])
+    weights = tokens * (~rewards.isnan())  # the unscored completion and the empty one do not count
+    for estimator, x in [("reinforce_pp", [1, 0, 0, 0, 1, 1, 0, 1]),
+                         ("reinforce_pp_baseline", [0.75, -0.25, -0.25, -0.25, 0, 0, 0, 0])]:
+        values, _ = grpo.group_advantages(rewards, 4, "none", estimator=estimator)
+        assert values.tolist() == pytest.approx(x)
+        w = weights.tolist()
+        mean = sum(wi * xi for wi, xi in zip(w, x, strict=True)) / sum(w)
+        var = sum(wi * (xi - mean) ** 2 for wi, xi in zip(w, x, strict=True)) / (sum(w) - 1)
+        expected = [(xi - mean) / math.sqrt(var + 1e-8) if wi > 0 else 0.0 for wi, xi in zip(w, x, strict=True)]
+        assert grpo.batch_whiten(values, weights).tolist() == pytest.approx(expected, abs=1e-6)
+        # one rank's share whitened with the whole step's statistics = that share of the whole
+        share = grpo.batch_whiten(values[:4], weights[:4], values, weights)
+        torch.testing.assert_close(share, grpo.batch_whiten(values, weights)[:4])
+    with pytest.raises(ValueError, match="batch_whiten"):
+        grpo.group_advantages(rewards, 4, "group", estimator="reinforce_pp")

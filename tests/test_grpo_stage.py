@@ -78,11 +78,21 @@ def test_toy_task_reward_rises(tmp_path, tiny_model):
     assert (tmp_path / "runs" / "toy" / "samples.jsonl").is_file()
 
 
-def test_kill_and_resume_reproduces_metrics(tmp_path, tiny_model, monkeypatch):
+MINI_BATCHES = {  # 2 mini-batches x mu 2: 4 optimizer steps per rollout batch, with the new objectives
+    "train.max_steps": 6, "grpo.mini_batches": 2, "grpo.mu": 2, "grpo.beta": 0.05, "grpo.kl_in_reward": True,
+    "grpo.advantage": "reinforce_pp_baseline", "grpo.importance_sampling_level": "sequence", "grpo.eps_low": 0.01,
+    "grpo.eps_high": 0.01, "grpo.clip_ratio_c": 3.0, "grpo.entropy_coef": 0.01, "grpo.kl_estimator": "low_var_kl",
+}
+
+
+@pytest.mark.parametrize("variant, kill_at", [({}, 4), (MINI_BATCHES, 3)], ids=["mu2", "mini_batches2-mu2"])
+def test_kill_and_resume_reproduces_metrics(tmp_path, tiny_model, monkeypatch, variant, kill_at):
+    """Killed in the middle of a rollout batch (mu2: step 3 = half of the 2nd batch saved; mini_batches2-mu2:
+    step 2 = the 2nd mini-batch of the 1st epoch saved), resumed: every metric but timings as uninterrupted."""
     from r1pipe.stages import grpo as stage
 
     changes = {"train.max_steps": 4, "train.save_every": 1, "grpo.mu": 2, "grpo.beta": 0.05,
-               "grpo.loss_type": "grpo", "train.micro_batch_size": 4}
+               "grpo.loss_type": "grpo", "train.micro_batch_size": 4, **variant}
     run_stage(load_recipe(write_recipe(tmp_path, tiny_model, "whole", **changes)))
 
     recipe = write_recipe(tmp_path, tiny_model, "killed", **changes)
@@ -91,8 +101,8 @@ def test_kill_and_resume_reproduces_metrics(tmp_path, tiny_model, monkeypatch):
 
     def dies_at_fourth_update(self):
         calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt  # killed mid rollout batch: step 3 (half of the 2nd batch) saved, 4 not
+        if calls["n"] == kill_at:
+            raise KeyboardInterrupt
         return update(self)
 
     monkeypatch.setattr(stage.GrpoRun, "update", dies_at_fourth_update)
@@ -113,6 +123,15 @@ def test_kill_and_resume_reproduces_metrics(tmp_path, tiny_model, monkeypatch):
         return [{k: v for k, v in json.loads(line).items() if k not in strip} for line in lines]
 
     assert steady(whole_all) == steady(killed_all)
+    if variant:
+        steps = [json.loads(line) for line in whole_all][1:]  # after the data line of step 0
+        # one rollout batch per 4 optimizer steps, the weights pushed after its last step (and at max_steps)
+        assert [m["step"] for m in steps if "reward/mean" in m] == [1, 5]
+        assert [m["step"] for m in steps if "weight_push_s" in m] == [4, 6]
+        # the 2nd mini-batch's old log-probs were recorded at rollout, before step 1 moved the policy
+        assert steps[1]["ppo_kl"] != 0.0 and steps[1]["ratio_max"] > steps[1]["ratio_min"]
+        for key in ("kl_reward_penalty", "clip_dual", "is_weight_min", "is_weight_max", "logprob_mismatch_max"):
+            assert key in steps[0], key
 
 
 def test_recipe_errors_are_one_line(tmp_path, tiny_model):
@@ -122,6 +141,22 @@ def test_recipe_errors_are_one_line(tmp_path, tiny_model):
         load_recipe(write_recipe(tmp_path, tiny_model, "bad2", rollout={"engine": "vllm_server"}))
     with pytest.raises(RecipeError, match="engine"):
         load_recipe(write_recipe(tmp_path, tiny_model, "bad3", rollout={"engine": "vlm"}))
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"grpo.policy_loss": "cispo", "grpo.clip_ratio_c": 3.0}, "clip_ratio_c .dual-clip. applies to policy_loss clip"),
+    ({"grpo.kl_in_reward": True}, "kl_in_reward needs beta > 0"),
+    ({"grpo.advantage": "reinforce_pp", "grpo.scale_rewards": "group"}, "whitens over the whole step"),
+    ({"grpo.mini_batches": 4}, "does not split into grpo.mini_batches 4 of whole micro batches"),
+    ({"grpo.clip_ratio_c": 1.0}, "greater than 1"),
+    ({"grpo.advantage": "ppo"}, "advantage: Input should be 'grpo', 'rloo', 'passk'"),
+    ({"grpo.importance_sampling_level": "seq"}, "importance_sampling_level"),
+    ({"grpo.kl_estimator": "k4"}, "kl_estimator"),
+])
+def test_incompatible_objective_options_are_one_line_errors(tmp_path, tiny_model, changes, message):
+    with pytest.raises(RecipeError, match=message) as error:
+        load_recipe(write_recipe(tmp_path, tiny_model, "bad", **changes))
+    assert "\n" not in str(error.value) and "grpo" in str(error.value)
 
 
 def test_cli_run_with_colocated_vllm(tmp_path, tiny_model):

@@ -1,9 +1,12 @@
-"""Stage `grpo`: prompts -> G samples each -> rewards -> group advantages -> mu policy updates.
+"""Stage `grpo`: prompts -> G samples each -> rewards -> advantages -> mu x mini_batches policy updates.
 
-One rollout batch is ``train.batch_size`` completions (``batch_size / group_size`` prompts); it feeds
-``grpo.mu`` optimizer steps. The first update's forward pass records the old-policy log-probs (the
-weights have not moved yet), so later updates reuse them without an extra forward. After the last
-update the new weights go into the rollout engine in memory (``rollout.engine``).
+One rollout batch is ``train.batch_size`` completions (``batch_size / group_size`` prompts). It is
+split into ``grpo.mini_batches`` mini-batches, one optimizer step each, and the pass over them is
+repeated ``grpo.mu`` times (PPO epochs): ``mu x mini_batches`` optimizer steps per rollout batch.
+With one mini-batch the first update's forward pass records the old-policy log-probs (the weights
+have not moved yet), so later updates reuse them without an extra forward; with several (or a KL
+folded into the reward) a no-grad forward records them for the whole batch before the first step.
+After the last update the new weights go into the rollout engine in memory (``rollout.engine``).
 
 beta > 0 keeps a frozen reference (with LoRA: the same model with its adapters disabled, no copy);
 beta = 0 loads no reference model at all. The maths lives in ``r1pipe.grpo``; the optimizer,
@@ -12,6 +15,7 @@ accumulation, checkpoints and resume in ``r1pipe.train.Trainer``.
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -24,11 +28,13 @@ from pydantic import Field, model_validator
 
 from r1pipe.config import RecipeError, Section, StageConfig, register_stage
 from r1pipe.data import SourceSection
-from r1pipe.grpo import ImportanceCorrection, LossType, ScaleRewards
+from r1pipe.grpo import Advantage, ImportanceCorrection, KlEstimator, LossType, PolicyLoss, RatioLevel, ScaleRewards
 from r1pipe.rollout import RolloutSection, stop_token_ids
 from r1pipe.train import ModelSection, TrainSection
 
 PROMPT_FIELDS = ("prompt", "messages", "system")
+# per-step extrema of the loss function's diagnostics, reduced with min / max over micro batches and ranks
+EXTREMA = ("ratio_min", "ratio_max", "is_weight_min", "is_weight_max", "logprob_mismatch_max")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -54,21 +60,63 @@ class PromptDataSection(Section):
 
 
 class GrpoSection(Section):
-    """The GRPO objective and its DAPO / Dr. GRPO variants."""
+    """The GRPO objective and its variants: DAPO, Dr. GRPO, GSPO, CISPO, dual-clip PPO, RLOO, REINFORCE++."""
 
     group_size: int = Field(8, ge=2, description="G: completions sampled per prompt.")
-    mu: int = Field(1, ge=1, description="Optimizer steps per rollout batch (old log-probs stored at the first).")
+    mu: int = Field(
+        1, ge=1, description="PPO epochs: passes over each rollout batch's mini-batches (old log-probs kept from "
+        "before the first)."
+    )
+    mini_batches: int = Field(
+        1, ge=1, description="Optimizer steps one rollout batch is split into (PPO mini-batches, each with the old "
+        "log-probs recorded at rollout); a rollout batch feeds mu x mini_batches optimizer steps and train.max_steps "
+        "counts optimizer steps. TRL steps_per_generation = mini_batches x accumulation; verl ppo_mini_batch_size = "
+        "batch / mini_batches."
+    )
     loss_type: LossType = Field(
         "dapo",
         description="grpo: per-sequence token mean; bnpo: per-micro-batch token mean; dapo: token mean over the "
         "whole step; dr_grpo: token sum / (sequences x max_completion_length).",
     )
-    scale_rewards: ScaleRewards = Field(
-        "group", description="Divide advantages by the group's std, the batch's std, or not at all (Dr. GRPO: none)."
+    advantage: Advantage = Field(
+        "grpo",
+        description="grpo: r - group mean; rloo: r - mean of the other G-1 (leave-one-out); passk: group max - max "
+        "of the others (only a group's unique best completion gets credit, pass@G); reinforce_pp: rewards "
+        "whitened over the whole step (REINFORCE++); reinforce_pp_baseline: r - group mean, then whitened.",
     )
-    eps_low: float = Field(0.2, ge=0, lt=1, description="Lower clip: ratio >= 1 - eps_low.")
+    scale_rewards: ScaleRewards | None = Field(
+        None, description="Divide grpo/rloo/passk advantages by the group's std, the batch's std, or not at all "
+        "(Dr. GRPO: none); default: group for grpo and passk, none for rloo. Unset for reinforce_pp*: they whiten."
+    )
+    policy_loss: PolicyLoss = Field(
+        "clip", description="clip: PPO clipped surrogate (clipped tokens get no gradient); cispo: REINFORCE weighted "
+        "by the detached IS ratio clipped to [1-eps_low, 1+eps_high] (MiniMax-M1): every token keeps its gradient."
+    )
+    importance_sampling_level: RatioLevel = Field(
+        "token", description="The ratio pi/pi_old: per token; sequence (GSPO: geometric mean over the completion, "
+        "clipped per sequence; the paper's eps_low/eps_high are 3e-4/4e-4, loss_type grpo); sequence_token "
+        "(GSPO-token: the sequence value with per-token gradients)."
+    )
+    eps_low: float = Field(
+        0.2, ge=0, le=1, description="Lower clip: ratio >= 1 - eps_low (1: no lower bound, e.g. CISPO)."
+    )
     eps_high: float = Field(0.28, ge=0, description="Upper clip: ratio <= 1 + eps_high (DAPO clip-higher: 0.28).")
-    beta: float = Field(0.0, ge=0, description="k3 KL weight to the frozen reference; 0 loads no reference.")
+    clip_ratio_c: float | None = Field(
+        None, gt=1, description="Dual-clip PPO: for A < 0 the token loss is capped at c x |A| (verl's default 3); "
+        "null: off. policy_loss clip only."
+    )
+    beta: float = Field(0.0, ge=0, description="KL weight to the frozen reference; 0 loads no reference.")
+    kl_estimator: KlEstimator = Field(
+        "k3", description="KL(pi || ref) per token from d = logp - ref: k1 = d, k2 = d^2/2, k3 = exp(-d) + d - 1, "
+        "low_var_kl = k3 clamped to [-10, 10] (verl)."
+    )
+    kl_in_reward: bool = Field(
+        False, description="Subtract beta x the completion's summed KL (rollout policy vs reference) from its reward "
+        "instead of adding a KL loss term (verl use_kl_in_reward); needs beta > 0."
+    )
+    entropy_coef: float = Field(
+        0.0, ge=0, description="Entropy bonus: loss -= entropy_coef x mean entropy over the step's completion tokens."
+    )
     max_prompt_length: int = Field(512, gt=0, description="Prompts longer than this (tokens) are skipped, counted.")
     max_completion_length: int = Field(256, gt=0, description="Tokens generated per completion at most.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (the trainer's log-probs use it too).")
@@ -92,6 +140,30 @@ class GrpoSection(Section):
         "are projected onto the vocabulary, at most [chunk, vocab] fp32 logits at once (never [batch, seq, vocab])."
     )
     log_samples: int = Field(2, ge=0, description="Completions per rollout batch written to samples.jsonl.")
+
+    @model_validator(mode="after")
+    def _compatible(self):
+        if self.clip_ratio_c is not None and self.policy_loss != "clip":
+            raise ValueError("clip_ratio_c (dual-clip) applies to policy_loss clip, not cispo; remove one of them")
+        if self.kl_in_reward and self.beta == 0:
+            raise ValueError("kl_in_reward needs beta > 0 (the weight of the KL penalty in the reward)")
+        if self.advantage.startswith("reinforce_pp") and self.scale_rewards is not None:
+            raise ValueError(f"scale_rewards: advantage {self.advantage} whitens over the whole step; leave "
+                             "scale_rewards unset")
+        return self
+
+    @property
+    def reward_scale(self) -> ScaleRewards:
+        """scale_rewards, or the estimator's default (TRL/verl): group for grpo and passk, none for rloo;
+        none for REINFORCE++, whose whitening follows."""
+        if self.scale_rewards is not None:
+            return self.scale_rewards
+        return "group" if self.advantage in ("grpo", "passk") else "none"
+
+    @property
+    def steps_per_batch(self) -> int:
+        """Optimizer steps each rollout batch feeds."""
+        return self.mu * self.mini_batches
 
 
 def _reward_section():
@@ -117,6 +189,12 @@ class GrpoConfig(StageConfig):
         if self.train.batch_size % self.grpo.group_size:
             raise ValueError(
                 f"train.batch_size {self.train.batch_size} is not a multiple of grpo.group_size {self.grpo.group_size}"
+            )
+        split = self.grpo.mini_batches * self.train.micro_batch_size
+        if self.train.batch_size % split:
+            raise ValueError(
+                f"train.batch_size {self.train.batch_size} does not split into grpo.mini_batches "
+                f"{self.grpo.mini_batches} of whole micro batches (train.micro_batch_size {self.train.micro_batch_size})"
             )
         return self
 
@@ -301,6 +379,14 @@ class GrpoRun:
                 f"{self.g.group_size}"
             )
         self.prompts_per_rank = per_rank // self.g.group_size
+        if per_rank % (self.g.mini_batches * cfg.train.micro_batch_size):
+            raise RecipeError(
+                f"grpo.mini_batches: {per_rank} completions per rank do not split into {self.g.mini_batches} "
+                f"mini-batches of whole micro batches (train.micro_batch_size {cfg.train.micro_batch_size})"
+            )
+        # old log-probs before the first step for the whole batch: a later mini-batch's first forward
+        # comes after an optimizer step, and a KL in the reward needs them before the advantages
+        self.old_logp_at_rollout = self.g.mini_batches > 1 or self.g.kl_in_reward
         self.sampler = PromptSampler(len(self.prompts), cfg.run.seed, cfg.data.shuffle)
         # beta > 0: a frozen reference; with LoRA the policy itself with its adapters disabled (no copy)
         self.reference = self.trainer.load_reference() if self.g.beta > 0 and cfg.model.lora is None else None
@@ -410,17 +496,23 @@ class GrpoRun:
         completions = [c for _, group, _, _ in groups for c in group]
         prompt_ids = [self.prompts[i].ids for i, group, _, _ in groups for _ in group]
         rewards = torch.cat([r for _, _, r, _ in groups])
-        # "batch" scaling divides by the std of the whole step's rewards, over all ranks
-        batch_std = grpo.nan_std(self.trainer.all_gather(rewards)) if self.g.scale_rewards == "batch" else None
-        advantages, zero_std = grpo.group_advantages(rewards, self.g.group_size, self.g.scale_rewards,
-                                                     batch_std=batch_std)
+        zero_std = ~grpo.groups_with_signal(rewards, self.g.group_size).repeat_interleave(self.g.group_size)
         packed = pack_sequences(prompt_ids, completions, self.tokenizer.pad_token_id)
         truncated = torch.tensor([c.truncated for c in completions])
         if self.g.overlong_filter:
             packed["completion_mask"] = grpo.overlong_filter(packed["completion_mask"], truncated)
-        batch = RolloutBatch(advantages=advantages, **packed)
+        batch = RolloutBatch(advantages=torch.zeros(len(completions)), **packed)
         if self.g.beta > 0:
             batch.ref_logp = self._reference_logprobs(batch)
+        if self.old_logp_at_rollout:
+            batch.old_logp = self._frozen_logprobs(self.trainer.policy, contextlib.nullcontext(), batch)
+        scored = rewards
+        if self.g.kl_in_reward:
+            old = torch.cat([torch.nn.functional.pad(part, (0, batch.input_ids.shape[1] - part.shape[1]))
+                             for part in batch.old_logp])
+            scored = grpo.kl_penalised_rewards(rewards, old, batch.ref_logp, batch.completion_mask, self.g.beta,
+                                               self.g.kl_estimator)
+        batch.advantages = advantages = self._advantages(scored, batch.completion_mask)
         lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float)
         metrics = {
             "reward/mean": float(rewards.nanmean()),
@@ -444,6 +536,8 @@ class GrpoRun:
             metrics["accuracy"] = metrics["reward/accuracy/mean"]
         if self.g.dynamic_sampling:
             metrics.update({"dynamic_sampling/rounds": rounds, "dynamic_sampling/filled_zero_std": filled})
+        if self.g.kl_in_reward:
+            metrics["kl_reward_penalty"] = float((rewards - scored).nanmean())
         self.rollout_metrics = {name: self.trainer.all_reduce_mean(v) for name, v in metrics.items()}
         if self.trainer.is_main and self.g.log_samples:
             texts = self.tokenizer.batch_decode([c.token_ids for c in completions[: self.g.log_samples]])
@@ -454,18 +548,39 @@ class GrpoRun:
             ])
         return batch
 
-    @torch.no_grad()
+    def _advantages(self, rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The `grpo.advantage` estimator on this rank's rewards, with the whole step's statistics over all
+        ranks where it needs them (`scale_rewards: batch`, REINFORCE++ whitening)."""
+        from r1pipe import grpo
+
+        g = self.g
+        scale = g.reward_scale
+        batch_std = grpo.nan_std(self.trainer.all_gather(rewards)) if scale == "batch" else None
+        advantages, _ = grpo.group_advantages(rewards, g.group_size, scale, batch_std=batch_std, estimator=g.advantage)
+        if g.advantage.startswith("reinforce_pp"):
+            # weighted by loss tokens, as verl whitens the outcome advantage broadcast over the tokens
+            weights = mask.sum(dim=1) * (~rewards.isnan())
+            advantages = grpo.batch_whiten(advantages, weights, self.trainer.all_gather(advantages),
+                                           self.trainer.all_gather(weights))
+        return advantages
+
     def _reference_logprobs(self, batch: RolloutBatch) -> torch.Tensor:
-        policy = self.reference or self.trainer.policy
+        parts = self._frozen_logprobs(self.reference or self.trainer.policy, self._reference_context(), batch)
+        return torch.cat([torch.nn.functional.pad(part, (0, batch.input_ids.shape[1] - part.shape[1]))
+                          for part in parts])
+
+    @torch.no_grad()
+    def _frozen_logprobs(self, policy, context, batch: RolloutBatch) -> list[torch.Tensor]:
+        """No-grad log-probs of the batch's completion tokens, one [micro, length] tensor per micro batch."""
         policy.module.eval()
         parts = []
-        with self._reference_context(), self.trainer.autocast():
+        with context, self.trainer.autocast():
             for micro in batch.micro_batches(self.cfg.train.micro_batch_size):
                 micro = {k: v.to(self.trainer.device) if torch.is_tensor(v) else v for k, v in micro.items()}
                 logp = sequence_logprobs(policy, micro, self.g.temperature, self.g.logprob_chunk_size,
                                          return_entropy=False)[0]
-                parts.append(torch.nn.functional.pad(logp.float().cpu(), (0, batch.input_ids.shape[1] - logp.shape[1])))
-        return torch.cat(parts)
+                parts.append(logp.float().cpu())
+        return parts
 
     # -- updates --------------------------------------------------------------------------------
 
@@ -485,21 +600,34 @@ class GrpoRun:
             batch.old_logp[micro["index"]] = old_logp.cpu()
         weights = grpo.rollout_importance_weights(old_logp, micro["rollout_logp"], mask,
                                                   g.importance_correction, g.importance_cap)
+        objective = dict(eps_low=g.eps_low, eps_high=g.eps_high, policy_loss=g.policy_loss,
+                         level=g.importance_sampling_level, clip_ratio_c=g.clip_ratio_c, kl_estimator=g.kl_estimator)
         token_loss = grpo.grpo_token_loss(
-            logp, old_logp, micro["advantages"], eps_low=g.eps_low, eps_high=g.eps_high,
-            beta=g.beta, ref_logp=micro.get("ref_logp"), importance_weights=weights,
+            logp, old_logp, micro["advantages"], mask=mask, beta=0.0 if g.kl_in_reward else g.beta,
+            ref_logp=micro.get("ref_logp"), importance_weights=weights, **objective,
         )
         loss = grpo.aggregate_loss(
             token_loss, mask, g.loss_type, max_completion_length=g.max_completion_length,
-            batch_sequences=self.cfg.train.batch_size, batch_tokens=totals["tokens"],
+            batch_sequences=totals["sequences"], batch_tokens=totals["tokens"],
             micro_batches=totals["micro_batches"],
         )
-        stats = grpo.policy_stats(logp, old_logp, micro["advantages"], mask, eps_low=g.eps_low,
-                                  eps_high=g.eps_high, ref_logp=micro.get("ref_logp"))
+        if g.entropy_coef > 0:
+            loss = loss + grpo.entropy_loss(entropy, mask, g.entropy_coef, totals["tokens"])
+        stats = grpo.policy_stats(logp, old_logp, micro["advantages"], mask, ref_logp=micro.get("ref_logp"),
+                                  **objective)
         tokens = mask.sum().clamp(min=1)
+        real = mask > 0
+        is_weights, mismatch = weights.expand_as(mask), (old_logp - micro["rollout_logp"]).abs()
         stats["entropy"] = float((entropy.detach() * mask).sum() / tokens)
-        stats["is_weight_mean"] = float((weights.expand_as(mask) * mask).sum() / tokens)
-        stats["logprob_mismatch"] = float(((old_logp - micro["rollout_logp"]).abs() * mask).sum() / tokens)
+        stats["is_weight_mean"] = float((is_weights * mask).sum() / tokens)
+        stats["logprob_mismatch"] = float((mismatch * mask).sum() / tokens)
+        if real.any():
+            stats.update(is_weight_min=float(is_weights[real].min()), is_weight_max=float(is_weights[real].max()),
+                         logprob_mismatch_max=float(mismatch[real].max()))
+        # extrema are reduced with min / max over micro batches and ranks in update(), not averaged
+        for name in [n for n in stats if n.endswith(("_min", "_max"))]:
+            value, keep = stats.pop(name), (min if name.endswith("_min") else max)
+            self._extrema[name] = keep(self._extrema.get(name, value), value)
         # train_step sums metric x weight (= world size) over micro batches and averages over ranks
         share = 1.0 / totals["micro_batches"]
         if aux_loss is not None:
@@ -511,17 +639,28 @@ class GrpoRun:
         return loss, metrics
 
     def update(self) -> dict:
+        """One optimizer step on the mini-batch of the rollout batch that trainer.step points at."""
         micro_batches = self.batch.micro_batches(self.cfg.train.micro_batch_size)
-        tokens = float(self.batch.completion_mask.sum())
+        per_mini = len(micro_batches) // self.g.mini_batches
+        first = (self.trainer.step % self.g.steps_per_batch) % self.g.mini_batches * per_mini
+        micro_batches = micro_batches[first : first + per_mini]
+        tokens = sum(float(micro["completion_mask"].sum()) for micro in micro_batches)
         world = self.trainer.world_size
         # the step's denominators over all ranks; each micro-batch loss is weighted by W because the
         # data-parallel gradient reduction averages over the W ranks (the step's gradient is their sum)
-        self._totals = {"tokens": self.trainer.all_reduce_sum(tokens), "micro_batches": len(micro_batches) * world}
+        self._totals = {"tokens": self.trainer.all_reduce_sum(tokens), "micro_batches": len(micro_batches) * world,
+                        "sequences": self.cfg.train.batch_size // self.g.mini_batches}
+        self._extrema = {}
         weights = [float(world)] * len(micro_batches)
         metrics = self.trainer.train_step(micro_batches, self.loss_fn, weights)
-        metrics["train_tokens_per_s"] = float(self.batch.attention_mask.sum()) * self.trainer.world_size / max(
-            metrics["step_time_s"], 1e-9
-        )
+        for name in EXTREMA:  # the same names in the same order on every rank, with or without tokens
+            low = name.endswith("_min")
+            value = self._extrema.get(name, math.inf if low else -math.inf)
+            value = -self.trainer.all_reduce_max(-value) if low else self.trainer.all_reduce_max(value)
+            if math.isfinite(value):
+                metrics[name] = value
+        attended = sum(float(micro["attention_mask"].sum()) for micro in micro_batches)
+        metrics["train_tokens_per_s"] = attended * world / max(metrics["step_time_s"], 1e-9)
         return metrics
 
     def push_weights(self) -> float:
@@ -550,13 +689,13 @@ class GrpoRun:
             run_dir.log_metrics(0, self.data_stats)
         with trainer.progress("grpo") as bar:
             while trainer.step < trainer.max_steps:
-                fresh = trainer.step % self.g.mu == 0
+                fresh = trainer.step % self.g.steps_per_batch == 0
                 if fresh:
                     self.batch = self.generate_batch()
                 metrics = self.update()
                 if fresh:
                     metrics.update(self.rollout_metrics)
-                if trainer.step % self.g.mu == 0 or trainer.step == trainer.max_steps:
+                if trainer.step % self.g.steps_per_batch == 0 or trainer.step == trainer.max_steps:
                     metrics["weight_push_s"] = self.push_weights()
                     self.batch = None
                 trainer.log(metrics)
