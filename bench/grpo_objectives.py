@@ -60,16 +60,11 @@ def toy_digits(prompt, completion, *, completion_ids=None):
 
 def tiny_model(directory: Path) -> Path:
     """The stage test's tiny Qwen2 (torch seed 0)."""
-    import torch
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    from transformers import AutoTokenizer
 
-    if not (directory / "config.json").is_file():
-        torch.manual_seed(0)
-        config = Qwen2Config(vocab_size=len(AutoTokenizer.from_pretrained(TOKENIZER)), hidden_size=64,
-                             intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                             max_position_embeddings=256, tie_word_embeddings=True, pad_token_id=0, eos_token_id=2)
-        Qwen2ForCausalLM(config).save_pretrained(directory)
-    return directory
+    from r1pipe.demo.build import tiny_qwen2
+
+    return tiny_qwen2(directory, len(AutoTokenizer.from_pretrained(TOKENIZER)))
 
 
 def recipe(work: Path, name: str, seed: int, steps: int, grpo: dict) -> dict:

@@ -137,16 +137,11 @@ def install_hooks(record_grads: dict) -> None:
 
 
 def tiny_qwen(directory: Path) -> Path:
-    """A random 2-layer Qwen2 (tied embeddings) with the demo tokenizer's vocabulary, made once."""
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    from transformers import AutoTokenizer
 
-    if not (directory / "config.json").is_file():
-        torch.manual_seed(0)
-        config = Qwen2Config(vocab_size=len(AutoTokenizer.from_pretrained(TOKENIZER)), hidden_size=64,
-                             intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                             max_position_embeddings=256, tie_word_embeddings=True, pad_token_id=0, eos_token_id=2)
-        Qwen2ForCausalLM(config).save_pretrained(directory)
-    return directory
+    from r1pipe.demo.build import tiny_qwen2
+
+    return tiny_qwen2(directory, len(AutoTokenizer.from_pretrained(TOKENIZER)))
 
 
 def grpo_recipe(out: Path, name: str, model: str, deepspeed: dict | None, **grpo) -> dict:
@@ -201,6 +196,14 @@ def scenarios(out: Path, world: int) -> dict:
     table["sft-v3-zero3"] = sft_recipe(out, "sft-v3-zero3", "nano-v3", ds(ZERO3))
     table["grpo-dynamic"] = grpo_recipe(out, "grpo-dynamic", qwen, ds(ZERO2), dynamic_sampling=True,
                                         max_sampling_rounds=3)
+    # the objective family: PPO mini-batches with whole-step REINFORCE++ whitening and a KL in the reward
+    # (ZeRO-2); GSPO-token with RLOO, the entropy bonus and a k2 KL loss (ZeRO-3)
+    table["grpo-minibatch-rpp"] = grpo_recipe(out, "grpo-minibatch-rpp", qwen, ds(ZERO2), mini_batches=2,
+                                              advantage="reinforce_pp_baseline", beta=0.1, kl_in_reward=True,
+                                              kl_estimator="k1", clip_ratio_c=3.0)
+    table["grpo-gspo-zero3"] = grpo_recipe(out, "grpo-gspo-zero3", qwen, ds(ZERO3), advantage="rloo",
+                                           importance_sampling_level="sequence_token", entropy_coef=0.01,
+                                           beta=0.1, kl_estimator="k2")
     # real sampling on ZeRO-3 weights (one gather per generate call)
     table["grpo-zero3-native-v3"] = grpo_recipe(out, "grpo-zero3-native-v3", "nano-v3", ds(ZERO3), beta=0.1,
                                                 max_completion_length=8)

@@ -3,7 +3,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from r1pipe.cli import run_stage
@@ -22,16 +21,12 @@ def toy_digits(prompt, completion, *, completion_ids=None):
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    from transformers import AutoTokenizer
 
-    directory = tmp_path_factory.mktemp("tiny-qwen2")
-    torch.manual_seed(0)
+    from r1pipe.demo.build import tiny_qwen2
+
     vocab = len(AutoTokenizer.from_pretrained(TOKENIZER))  # the demo tokenizer's size follows its task
-    config = Qwen2Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
-                         tie_word_embeddings=True, pad_token_id=0, eos_token_id=2)
-    Qwen2ForCausalLM(config).save_pretrained(directory)
-    return directory
+    return tiny_qwen2(tmp_path_factory.mktemp("tiny-qwen2"), vocab)
 
 
 def write_recipe(tmp_path: Path, model: Path, name: str, **changes) -> Path:

@@ -18,7 +18,8 @@ pytest.importorskip("deepspeed")
 
 WORKER = Path(__file__).with_name("multirank_worker.py")
 SAME_GRADIENTS = ["grpo-grpo", "grpo-bnpo", "grpo-dapo", "grpo-dr_grpo", "grpo-batch-std-kl", "grpo-zero3",
-                  "grpo-zero3-kl", "grpo-v3", "sft-qwen", "sft-v3-zero3", "grpo-mu2-whole"]
+                  "grpo-zero3-kl", "grpo-v3", "sft-qwen", "sft-v3-zero3", "grpo-mu2-whole", "grpo-minibatch-rpp",
+                  "grpo-gspo-zero3"]
 SCENARIOS = SAME_GRADIENTS + ["grpo-dynamic", "grpo-mu2-killed", "grpo-zero3-native-v3"]
 TWO_RANKS_ONLY = ["vllm-tensor-parallel"]
 TOLERANCE = {1: 1e-5, 2: 1e-4}  # relative Frobenius error of the full gradient, by optimizer step

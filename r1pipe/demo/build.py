@@ -66,6 +66,22 @@ def build_initial_models(out_dir: Path, tokenizer, seed: int = SEED) -> dict[str
     return paths
 
 
+def tiny_qwen2(directory: Path, vocab_size: int, seed: int = 0) -> Path:
+    """A random 2-layer Qwen2 of hidden size 64 (tied embeddings, pad 0, eos 2), saved once in `directory`:
+    the policy of the GRPO stage tests, the multi-rank tests and bench/grpo_objectives.py (with the demo
+    tokenizer's vocabulary)."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    if not (Path(directory) / "config.json").is_file():
+        torch.manual_seed(seed)
+        config = Qwen2Config(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                             tie_word_embeddings=True, pad_token_id=0, eos_token_id=2)
+        Qwen2ForCausalLM(config).save_pretrained(directory)
+    return Path(directory)
+
+
 def build_demo_files(
     out_dir: str | Path, sizes: dict[str, int] = SIZES, seed: int = SEED, with_models: bool = True
 ) -> dict[str, Path]:
