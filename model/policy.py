@@ -4,6 +4,7 @@ the after-step hook (V3 expert-bias update) and saving."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,6 +42,19 @@ def dense_mask(attention_mask: torch.Tensor | None, position_ids: torch.Tensor |
     return build_attention_mask(valid, position_ids.shape[1], doc, doc)
 
 
+@dataclass
+class TokenScores:
+    """One forward's per-token results for the trainer: log-probs [B, T-1] of input_ids[:, 1:], entropy
+    (when asked), and for our V3 model the auxiliary loss with its metrics and the experts each token was
+    routed to [B, T, MoE layers, K] (when asked)."""
+
+    logp: torch.Tensor
+    entropy: torch.Tensor | None
+    aux_loss: torch.Tensor | None
+    aux_metrics: dict[str, float]
+    routes: torch.Tensor | None = None
+
+
 class Policy:
     """A causal LM behind the small interface the stages use. `module` may be replaced by a wrapper
     (PEFT, DeepSpeed) that exposes the same model through `get_base_model()` or `.module`."""
@@ -74,22 +88,26 @@ class Policy:
         return self.hidden_states_and_aux(input_ids, attention_mask, position_ids)[0]
 
     def hidden_states_and_aux(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                              position_ids: torch.Tensor | None = None, aux_labels: torch.Tensor | None = None
-                              ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
+                              position_ids: torch.Tensor | None = None, aux_labels: torch.Tensor | None = None,
+                              routes: torch.Tensor | None = None, return_routes: bool = False
+                              ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float], torch.Tensor | None]:
         """Hidden states, plus -- for our model given `aux_labels` -- the V3 auxiliary training loss on them
-        (MTP weight x MTP loss + balance loss) and its metrics, from the same forward. (hidden, None, {})
-        for dense models or without labels.
+        (MTP weight x MTP loss + balance loss) and its metrics, from the same forward, and the experts of
+        every decoder MoE layer (`routes` replays given ones, `return_routes` returns them; see
+        DeepseekForCausalLM.forward). (hidden, None, {}, None) for dense models.
 
         The forward is a call of `module`, wrappers included: DeepSpeed's engine does its per-micro-batch
         bookkeeping in its own forward (under ZeRO-3 gradients accumulate wrongly without it). A dense
         model's forward computes the logits of the last position only (`logits_to_keep=1`)."""
         if self.is_deepseek:
             out = self.module(input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=aux_labels,
-                              return_hidden=True)
-            return out.hidden_states, out.loss, out.aux or {}
+                              return_hidden=True, routes=routes, return_routes=return_routes)
+            return out.hidden_states, out.loss, out.aux or {}, out.routes
+        if routes is not None or return_routes:
+            raise PolicyError("routing replay needs a DeepSeek MoE policy; this one is dense")
         out = self.module(input_ids=input_ids, attention_mask=dense_mask(attention_mask, position_ids),
                           position_ids=position_ids, output_hidden_states=True, logits_to_keep=1, use_cache=False)
-        return out.hidden_states[-1], None, {}
+        return out.hidden_states[-1], None, {}, None
 
     def token_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                        position_ids: torch.Tensor | None = None, chunk_size: int = 1024, temperature: float = 1.0,
@@ -97,21 +115,24 @@ class Policy:
         """[B, T-1] log-probs of input_ids[:, 1:] (and per-token entropy when asked), computed `chunk_size`
         positions at a time; under autograd each chunk is recomputed in backward, so at most one
         [B, chunk, V] fp32 block of logits exists at once."""
-        logp, entropy, _, _ = self.token_logprobs_and_aux(input_ids, attention_mask, position_ids, chunk_size,
-                                                          temperature, return_entropy)
-        return (logp, entropy) if return_entropy else logp
+        scores = self.token_logprobs_and_aux(input_ids, attention_mask, position_ids, chunk_size, temperature,
+                                             return_entropy)
+        return (scores.logp, scores.entropy) if return_entropy else scores.logp
 
     def token_logprobs_and_aux(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                                position_ids: torch.Tensor | None = None, chunk_size: int = 1024,
                                temperature: float = 1.0, return_entropy: bool = False,
-                               aux_labels: torch.Tensor | None = None, only: torch.Tensor | None = None):
-        """`token_logprobs` -> (logp, entropy or None, aux loss or None, aux metrics): with `aux_labels`, a V3
-        policy's MTP and balance losses come from the same forward (see `hidden_states_and_aux`).
+                               aux_labels: torch.Tensor | None = None, only: torch.Tensor | None = None,
+                               routes: torch.Tensor | None = None, return_routes: bool = False) -> TokenScores:
+        """`token_logprobs` with everything else the same forward gives (`TokenScores`): with `aux_labels`, a
+        V3 policy's MTP and balance losses; `routes` / `return_routes` replay or return its expert choices
+        (see `hidden_states_and_aux`).
 
         `only` (bool [B, T-1]) restricts the vocabulary projection to those positions (GRPO: the
         completion tokens; prompts are often most of a sequence); they are then chunked `chunk_size`
         tokens at a time and every other position gets 0."""
-        hidden, aux_loss, aux_metrics = self.hidden_states_and_aux(input_ids, attention_mask, position_ids, aux_labels)
+        hidden, aux_loss, aux_metrics, chosen = self.hidden_states_and_aux(input_ids, attention_mask, position_ids,
+                                                                           aux_labels, routes, return_routes)
         hidden, targets = hidden[:, :-1], input_ids[:, 1:]
         if only is not None:
             hidden, targets = hidden[only].unsqueeze(0), targets[only].unsqueeze(0)
@@ -131,7 +152,7 @@ class Policy:
         if only is not None:
             place = lambda values: values.new_zeros(only.shape).masked_scatter(only, values[0])
             logp, entropy = place(logp), (place(entropy) if entropy is not None else None)
-        return logp, entropy, aux_loss, aux_metrics
+        return TokenScores(logp, entropy, aux_loss, aux_metrics, chosen)
 
     def train_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         """Next-token CE on batch["labels"] (-100 ignored; HF convention, shifted inside) plus, for our

@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from r1pipe.cli import run_stage
@@ -147,6 +148,7 @@ def test_recipe_errors_are_one_line(tmp_path, tiny_model):
     ({"grpo.advantage": "ppo"}, "advantage: Input should be 'grpo', 'rloo', 'passk'"),
     ({"grpo.importance_sampling_level": "seq"}, "importance_sampling_level"),
     ({"grpo.kl_estimator": "k4"}, "kl_estimator"),
+    ({"grpo.routing_replay": "rollout", "rollout": {"engine": "vllm"}}, "routing_replay rollout .R3. needs rollout.engine"),
 ])
 def test_incompatible_objective_options_are_one_line_errors(tmp_path, tiny_model, changes, message):
     with pytest.raises(RecipeError, match=message) as error:
@@ -191,3 +193,72 @@ def test_kl_reference_of_a_preset_is_the_initial_policy(tmp_path):
     run_stage(load_recipe(recipe))
     first = metrics(tmp_path, "v3-kl")[0]
     assert first["kl"] == pytest.approx(0.0, abs=1e-7)
+
+
+def spy_replayed_routes(monkeypatch) -> list[tuple]:
+    """Every (routes given, routes used) of a V3 forward that was handed routes to replay."""
+    from r1pipe.model import DeepseekForCausalLM
+
+    calls, forward = [], DeepseekForCausalLM.forward
+
+    def spy(self, *args, routes=None, **kwargs):
+        out = forward(self, *args, routes=routes, **{**kwargs, "return_routes": True})
+        if routes is not None:
+            calls.append((routes.clone(), out.routes.clone()))
+        return out
+
+    monkeypatch.setattr(DeepseekForCausalLM, "forward", spy)
+    return calls
+
+
+def test_routing_replay_rollout_uses_the_engines_experts(tmp_path, monkeypatch):
+    """R3 on a V3 policy: the native engine records each token's experts, and every training forward over
+    the batch uses exactly those wherever they were recorded (the last token of a completion routes live)."""
+    from r1pipe.stages import grpo as stage
+
+    batches, generate = [], stage.GrpoRun.generate_batch
+
+    def keep(self):
+        batches.append(generate(self))
+        return batches[-1]
+
+    monkeypatch.setattr(stage.GrpoRun, "generate_batch", keep)
+    calls = spy_replayed_routes(monkeypatch)
+    run_stage(load_recipe(write_recipe(tmp_path, "nano-v3", "r3", **{"train.max_steps": 2, "grpo.mu": 2,
+                                                                     "grpo.routing_replay": "rollout"})))
+    routes = batches[0].routes
+    assert routes is not None and routes.shape[:2] == batches[0].input_ids.shape
+    recorded = routes[..., 0] >= 0
+    assert recorded[batches[0].completion_mask.bool()].float().mean() > 0.5  # completions' tokens but the last
+    assert len(calls) == 4  # 2 updates x 2 micro batches, each replaying the engine's routes
+    for given, used in calls:
+        assert torch.equal(used[given[..., 0] >= 0], given[given[..., 0] >= 0].long())
+        length = given.shape[1]
+        assert any(torch.equal(given, routes[start:start + given.shape[0], :length].to(given.device))
+                   for start in range(0, len(routes), given.shape[0]))
+
+
+def test_routing_replay_old_policy_replays_the_first_forward(tmp_path, monkeypatch):
+    """R2: the second update of a rollout batch uses the experts its first update's forward chose."""
+    from r1pipe.stages import grpo as stage
+
+    firsts, loss_fn = [], stage.GrpoRun.loss_fn
+
+    def record(self, policy, micro):
+        out = loss_fn(self, policy, micro)
+        if self.batch.old_routes[micro["index"]] is not None and len(firsts) < micro["index"] + 1:
+            firsts.append(self.batch.old_routes[micro["index"]].clone())
+        return out
+
+    monkeypatch.setattr(stage.GrpoRun, "loss_fn", record)
+    calls = spy_replayed_routes(monkeypatch)
+    run_stage(load_recipe(write_recipe(tmp_path, "nano-v3", "r2", **{"train.max_steps": 2, "grpo.mu": 2,
+                                                                     "grpo.routing_replay": "old_policy"})))
+    assert len(firsts) == 2 and len(calls) == 2  # recorded at update 1, replayed at update 2
+    for first, (given, used) in zip(firsts, calls, strict=True):
+        assert torch.equal(given.cpu(), first) and torch.equal(used.cpu(), first.long())
+
+
+def test_routing_replay_needs_a_moe_policy(tmp_path, tiny_model):
+    with pytest.raises(RecipeError, match="routing_replay: rollout needs a DeepSeek MoE policy"):
+        run_stage(load_recipe(write_recipe(tmp_path, tiny_model, "dense-r3", **{"grpo.routing_replay": "rollout"})))

