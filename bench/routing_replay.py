@@ -7,8 +7,13 @@ Prints, per MoE layer and overall, the share of tokens whose expert set differs,
 log-prob mismatch |log pi_trainer - log pi_rollout| and importance weights pi_trainer / pi_rollout of the
 completion tokens, both ways, in one table.
 
-    python bench/routing_replay.py                         # CPU: tiny V3, 6 MoE layers (~1 min)
+    python bench/routing_replay.py                         # CPU: tiny V3, 6 MoE layers
     python bench/routing_replay.py --device cuda --layers 12 --prompts 64 --tokens 256
+    python bench/routing_replay.py --grpo 6                # also GRPO runs with and without R3
+
+With --grpo N the same policy is trained N GRPO steps (r1pipe's grpo stage, mu 2) twice, with
+`grpo.routing_replay` none and rollout, its native engine sampling under bf16 autocast while the
+trainer computes in fp32, and the table gives each run's importance weights pi_trainer / pi_rollout.
 """
 from __future__ import annotations
 
@@ -63,6 +68,7 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=60)
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=48)
+    parser.add_argument("--grpo", type=int, default=0, metavar="STEPS", help="also GRPO runs with and without R3")
     args = parser.parse_args()
     start = time.perf_counter()
     trainer = trained_policy(args.layers, args.train_steps, args.device)
@@ -104,7 +110,66 @@ def main() -> None:
         print(f"| {name} | {per_layer.mean():.2%} (per layer {', '.join(f'{v:.1%}' for v in per_layer)}) | "
               f"{tokens:.2%} | {delta.abs().mean():.4f} | {delta.abs().max():.3f} | "
               f"{weights.min():.3f} / {weights.max():.3f} | {outside:.2%} |")
+    if args.grpo:
+        grpo_runs(trainer, args.grpo, args.device)
     print(f"({time.perf_counter() - start:.0f} s)")
+
+
+def grpo_runs(policy: DeepseekForCausalLM, steps: int, device: str) -> None:
+    """GRPO with and without R3 on `policy`, bf16 rollouts against an fp32 trainer; prints IS weight ranges."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    import yaml
+
+    import r1pipe.rollout
+    from r1pipe.cli import run_stage
+    from r1pipe.config import load_recipe
+    from r1pipe.rewards import reward
+
+    @reward("bench_even_tokens")
+    def even_tokens(prompt, completion, *, completion_ids=None):
+        """Share of even token ids: a reward with spread inside groups."""
+        return sum(i % 2 == 0 for i in completion_ids) / max(len(completion_ids), 1)
+
+    build = r1pipe.rollout.build_engine
+
+    def bf16_engine(*args, **kwargs):  # the engine computes in bf16, as a vLLM engine would
+        engine = build(*args, **kwargs)
+        generate = engine.generate
+
+        def in_bf16(*a, **k):
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+                return generate(*a, **k)
+
+        engine.generate = in_bf16
+        return engine
+
+    r1pipe.rollout.build_engine = bf16_engine
+    work = Path(tempfile.mkdtemp(prefix="r1pipe-r3-"))
+    policy.save_pretrained(work / "policy")
+    tokenizer = Path(__file__).resolve().parents[1] / "recipes" / "demo" / "tokenizer"
+    (work / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"{i} {i + 3} {i + 6}"}) + "\n" for i in range(64)))
+    print("\n| GRPO, routing_replay | step | IS weight min | IS weight max | max abs dlogp (old vs rollout) | mean abs dlogp |")
+    print("|---|---|---|---|---|---|")
+    for mode in ("none", "rollout"):
+        recipe = {"stage": "grpo", "run": {"name": mode, "output_dir": str(work / "runs"), "seed": 0, "report_to": []},
+                  "model": {"path": str(work / "policy"), "tokenizer": str(tokenizer)},
+                  "data": {"sources": [{"path": str(work / "prompts.jsonl")}], "reward_columns": []},
+                  "train": {"max_steps": steps, "batch_size": 32, "micro_batch_size": 16, "lr": 1e-4,
+                            "scheduler": "constant", "device": device},
+                  "grpo": {"group_size": 4, "mu": 2, "max_completion_length": 24, "max_prompt_length": 32,
+                           "routing_replay": mode, "importance_correction": "token_truncate",
+                           "importance_cap": 1e6, "log_samples": 0},  # a cap that never bites: the raw weights
+                  "rollout": {"engine": "native"}, "rewards": [{"name": "bench_even_tokens"}]}
+        (work / f"{mode}.yaml").write_text(yaml.safe_dump(recipe))
+        run_stage(load_recipe(work / f"{mode}.yaml"))
+        for line in (work / "runs" / mode / "metrics.jsonl").read_text().splitlines():
+            m = json.loads(line)
+            if "is_weight_min" in m:
+                print(f"| {mode} | {m['step']} | {m['is_weight_min']:.3f} | {m['is_weight_max']:.3f} | "
+                      f"{m['logprob_mismatch_max']:.3f} | {m['logprob_mismatch']:.4f} |")
 
 
 if __name__ == "__main__":
