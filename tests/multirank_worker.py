@@ -88,9 +88,9 @@ def install_hooks(record_grads: dict) -> None:
 
     real_engine = r1pipe.rollout.build_engine
 
-    def build_engine(section, *, model_dir, policy, max_model_len, seed):
-        if section.engine != "native":
-            raise AssertionError("the multi-rank scenarios script the native engine")
+    def build_engine(section, *, model_dir, policy, max_model_len, seed, record_routes=False):
+        if section.engine != "native" or record_routes:
+            raise AssertionError("the multi-rank scenarios script the native engine, without routing replay")
         if REAL_ENGINE:
             return real_engine(section, model_dir=model_dir, policy=policy, max_model_len=max_model_len, seed=seed)
         engine = ScriptedEngine(policy.model.config.vocab_size)

@@ -33,7 +33,7 @@ def trainer_logprobs(policy, prompts, completions) -> tuple[torch.Tensor, torch.
 
     batch = pack_sequences([prompts[c.prompt_index] for c in completions], completions, pad_id=0)
     with torch.no_grad():
-        logp = sequence_logprobs(policy, batch, temperature=0.8, chunk_size=16)[0]
+        logp = sequence_logprobs(policy, batch, temperature=0.8, chunk_size=16).logp
     return logp, batch
 
 
