@@ -5,6 +5,7 @@ and once as 2 ranks under DeepSpeed ZeRO-2 or ZeRO-3, on the same global batch. 
 step's full gradients must agree to fp32 round-off (relative Frobenius error 1e-5; measured ~1e-7),
 the second step's too after one AdamW step on both sides (1e-4; measured ~1e-6).
 """
+import importlib.util
 import os
 import socket
 import subprocess
@@ -21,7 +22,8 @@ SAME_GRADIENTS = ["grpo-grpo", "grpo-bnpo", "grpo-dapo", "grpo-dr_grpo", "grpo-b
                   "grpo-zero3-kl", "grpo-v3", "sft-qwen", "sft-v3-zero3", "grpo-mu2-whole", "grpo-minibatch-rpp",
                   "grpo-gspo-zero3"]
 SCENARIOS = SAME_GRADIENTS + ["grpo-dynamic", "grpo-mu2-killed", "grpo-zero3-native-v3"]
-TWO_RANKS_ONLY = ["vllm-tensor-parallel"]
+TWO_RANKS_ONLY = ["vllm-tensor-parallel"]  # needs vllm importable (the engine's sampling parameters)
+VLLM = importlib.util.find_spec("vllm") is not None
 TOLERANCE = {1: 1e-5, 2: 1e-4}  # relative Frobenius error of the full gradient, by optimizer step
 
 
@@ -38,7 +40,7 @@ def launch(out: Path, ranks: int) -> None:
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
                    "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(WORKER)]
-    scenarios = SCENARIOS + (TWO_RANKS_ONLY if ranks > 1 else [])
+    scenarios = SCENARIOS + (TWO_RANKS_ONLY if ranks > 1 and VLLM else [])
     proc = subprocess.run(command + [str(out), *scenarios], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{ranks} rank(s) failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
 
@@ -110,6 +112,8 @@ def test_resume_in_the_middle_of_a_rollout_batch(runs):
 def test_tensor_parallel_vllm_gets_the_groups_prompts_and_one_seed(runs):
     """rollout.tensor_parallel_size 2 on 2 ranks: one engine, so both shards must be handed the same
     requests (both ranks' prompts, in rank order) with one seed; each rank gets its own completions back."""
+    if not VLLM:
+        pytest.skip("vllm is not installed")
     ranks = [result(runs, "vllm-tensor-parallel", 2, rank) for rank in (0, 1)]
     assert ranks[0]["seen"] == ranks[1]["seen"] and len(ranks[0]["seen"]) == 1
     assert ranks[0]["seen"][0]["prompts"] == ranks[0]["prompts"] + ranks[1]["prompts"]

@@ -106,7 +106,7 @@ def build_frozen_engine(section: RolloutSection, path: str | Path, dtype: str, k
 
         from r1pipe.model.policy import load_policy
 
-        policy = load_policy(path, dtype=getattr(torch, dtype))
+        policy = load_policy(path, dtype=getattr(torch, dtype), device="cuda" if torch.cuda.is_available() else "cpu")
         policy.module.eval()
         return build_engine(section, model_dir=None, policy=policy, max_model_len=max_model_len, seed=seed)
     if section.engine == "vllm" and not (path / "config.json").is_file():
