@@ -195,7 +195,11 @@ class RunDir:
             handle.writelines(json.dumps({"step": int(step), **{k: _plain(v) for k, v in sample.items()}}) + "\n" for sample in samples)
 
     def plot(self, keys: list[str], filename: str = "curves.png", title: str | None = None) -> Path | None:
-        """One panel per metric against step, from metrics.jsonl; keys never logged are skipped."""
+        """One panel per metric against step, from metrics.jsonl; keys never logged are skipped.
+
+        Noisy metrics (`is_noisy`: rewards and accuracies, measured on one rollout batch each) are drawn
+        as faint raw points under their exponential moving average (`ema`), and the panel title gives the
+        mean of the first and of the last few steps, so a trend smaller than the step-to-step noise shows."""
         records = self.read_metrics()
         series = {k: [(r["step"], r[k]) for r in records if isinstance(r.get(k), (int, float))] for k in keys}
         series = {k: v for k, v in series.items() if v}
@@ -210,9 +214,7 @@ class RunDir:
         rows = (len(series) + cols - 1) // cols
         fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
         for ax, (key, points) in zip(axes.flat, series.items(), strict=False):
-            steps, values = zip(*points, strict=True)
-            ax.plot(steps, values, lw=1.2)
-            ax.set_title(key, fontsize=10)
+            draw_metric(ax, key, points)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
         for ax in list(axes.flat)[len(series):]:
@@ -268,6 +270,59 @@ class RunDir:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Curves
+
+NOISY_METRICS = ("reward", "accuracy")
+
+
+def is_noisy(key: str) -> bool:
+    """Metrics measured on one rollout batch: reward, reward/<name>/mean, accuracy (not the /std ones),
+    smoothed in plots."""
+    parts = key.split("/")
+    return (parts[0] in NOISY_METRICS or parts[-1] == "accuracy") and parts[-1] != "std"
+
+
+def ema_span(count: int) -> int:
+    """The EMA span for a curve of `count` points: a fifth of the run, 3 to 50 points."""
+    return int(min(50, max(3, round(count / 5))))
+
+
+def ema(values, span: int) -> list[float]:
+    """Exponential moving average with alpha = 2 / (span + 1), bias-corrected (TensorBoard's debiased
+    smoothing): early points are an average of the values so far, not pulled towards zero."""
+    alpha = 2.0 / (span + 1)
+    out, average, weight = [], 0.0, 0.0
+    for value in values:
+        average = (1 - alpha) * average + alpha * float(value)
+        weight = (1 - alpha) * weight + alpha
+        out.append(average / weight)
+    return out
+
+
+def draw_metric(ax, key: str, points: list[tuple[float, float]], label: str | None = None, color=None) -> None:
+    """One metric on a matplotlib axis: a plain line, or for a noisy metric (`is_noisy`) faint raw
+    points under their EMA, and the mean of the first and of the last `span` points in the title
+    (or the legend label): the change over the run without the single-step noise."""
+    steps, values = zip(*points, strict=True)
+    if not is_noisy(key) or len(points) < 6:
+        ax.plot(steps, values, lw=1.2, label=label, color=color)
+        if label is None:
+            ax.set_title(key, fontsize=10)
+        return
+    span = ema_span(len(points))
+    line = ax.plot(steps, values, lw=0.6, alpha=0.3, marker=".", ms=3, color=color)[0]
+    ax.plot(steps, ema(values, span), lw=1.8, color=line.get_color(),
+            label=f"{label} (EMA {span})" if label else f"EMA (span {span})")
+    head, tail = np.mean(values[:span]), np.mean(values[-span:])
+    summary = f"first {span} steps {head:.3g} -> last {span} {tail:.3g}"
+    if label is None:
+        ax.set_title(f"{key}\n{summary}", fontsize=9)
+        ax.legend(fontsize=7, loc="best")
+    else:
+        ax.plot([], [], " ", label=summary)
 
 
 def _plain(value):

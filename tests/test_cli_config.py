@@ -318,3 +318,18 @@ def test_import_names_do_not_squat_generic_packages():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", check=True).stdout
     assert out.split() == ["False", "True", "True", "True"]
+
+
+def test_noisy_metrics_are_smoothed_in_plots(tmp_path):
+    """Rewards and accuracies get a debiased EMA line in their panel; the first value is kept as is."""
+    from r1pipe.rundir import RunDir, ema, is_noisy
+
+    assert ema([1.0, 0.0, 1.0], span=3) == pytest.approx([1.0, 1 / 3, 5 / 7])
+    assert is_noisy("reward/mean") and is_noisy("reward/accuracy/mean") and is_noisy("accuracy")
+    assert not is_noisy("reward/std") and not is_noisy("loss")
+    run_dir = RunDir(tmp_path)
+    for step in range(1, 21):
+        run_dir.log_metrics(step, {"reward/mean": (step % 3) / 2 + step / 40, "loss": 1.0 / step})
+    path = run_dir.plot(["reward/mean", "loss"], "grpo.png")
+    assert path is not None and path.stat().st_size > 0
+    run_dir.close()
