@@ -198,13 +198,14 @@ class DeepseekForCausalLM(nn.Module):
         balance = training_loss and self.training
         x = self.model.embed_tokens(input_ids)
         balance_losses, loads, chosen = [], {}, []
-        slot = {layer: k for k, layer in enumerate(self.routed_layers())}
+        # layer -> its slot in the routes tensor; built only when replaying (the decode loop calls this per token)
+        slot = {layer: k for k, layer in enumerate(self.routed_layers())} if routes is not None else {}
         for i, layer in enumerate(self.decoder_layers):
             route = routes[:, :, slot[i]] if routes is not None and i in slot else None
             x, bl, load, indices = self.run_layer(layer, x, ctx, attention_mask, balance, route)
             balance_losses.append(bl)
             loads[i] = load
-            if indices is not None:
+            if return_routes and indices is not None:
                 chosen.append(indices)
         hidden = self.model.norm(x)
         routes_out = torch.stack(chosen, 2) if return_routes and chosen else None
