@@ -501,24 +501,23 @@ class Trainer:
 
     # -- distributed helpers --------------------------------------------------------------------
 
-    def all_reduce_sum(self, value: float) -> float:
-        """Sum a number over ranks (identity in a single process)."""
+    def _all_reduce(self, value: float, op) -> float:
         if self.world_size == 1:
             return float(value)
         tensor = torch.tensor(float(value), dtype=torch.float64, device=self.device)
-        torch.distributed.all_reduce(tensor)
+        torch.distributed.all_reduce(tensor, op=op)
         return float(tensor)
+
+    def all_reduce_sum(self, value: float) -> float:
+        """Sum a number over ranks (identity in a single process)."""
+        return self._all_reduce(value, torch.distributed.ReduceOp.SUM)
 
     def all_reduce_mean(self, value: float) -> float:
         return self.all_reduce_sum(value) / self.world_size
 
     def all_reduce_max(self, value: float) -> float:
         """Largest value over ranks (identity in a single process)."""
-        if self.world_size == 1:
-            return float(value)
-        tensor = torch.tensor(float(value), dtype=torch.float64, device=self.device)
-        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
-        return float(tensor)
+        return self._all_reduce(value, torch.distributed.ReduceOp.MAX)
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """Every rank's equally shaped `tensor`, concatenated along dim 0 in rank order (CPU result)."""
