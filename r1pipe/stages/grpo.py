@@ -326,6 +326,11 @@ class RolloutBatch:
             self.old_routes = [None] * len(out)
         return out
 
+    def full_width(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """Per-micro-batch [micro, length] tensors (trimmed to each micro batch's length) as one [B, L]."""
+        width = self.input_ids.shape[1]
+        return torch.cat([torch.nn.functional.pad(part, (0, width - part.shape[1])) for part in parts])
+
     def state_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
@@ -542,8 +547,7 @@ class GrpoRun:
             batch.old_logp = self._frozen_logprobs(self.trainer.policy, contextlib.nullcontext(), batch, own=True)
         scored = rewards
         if self.g.kl_in_reward:
-            old = torch.cat([torch.nn.functional.pad(part, (0, batch.input_ids.shape[1] - part.shape[1]))
-                             for part in batch.old_logp])
+            old = batch.full_width(batch.old_logp)
             scored = grpo.kl_penalised_rewards(rewards, old, batch.ref_logp, batch.completion_mask, self.g.beta,
                                                self.g.kl_estimator)
         batch.advantages = advantages = self._advantages(scored, batch.completion_mask)
@@ -601,8 +605,7 @@ class GrpoRun:
     def _reference_logprobs(self, batch: RolloutBatch) -> torch.Tensor:
         parts = self._frozen_logprobs(self.reference or self.trainer.policy, self._reference_context(), batch,
                                       own=False)
-        return torch.cat([torch.nn.functional.pad(part, (0, batch.input_ids.shape[1] - part.shape[1]))
-                          for part in parts])
+        return batch.full_width(parts)
 
     @torch.no_grad()
     def _frozen_logprobs(self, policy, context, batch: RolloutBatch, own: bool) -> list[torch.Tensor]:
