@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from r1pipe.model import fast_decode
+from r1pipe.model.fast_decode import DecodeWorkspace
 from r1pipe.model.layers import LatentCache
 from r1pipe.model.modeling import DeepseekForCausalLM
 
@@ -57,6 +59,9 @@ class Sampler:
         if self.temperature == 0:
             return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
         return sampling_probs(logits, self.temperature, self.top_p)
+
+    def logprob(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return token_logprob(logits, tokens, self.temperature)
 
     def sample(self, probs: torch.Tensor) -> torch.Tensor:
         return torch.multinomial(probs, 1, generator=self.generator)[:, 0]
@@ -160,9 +165,13 @@ class Decoder:
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
              eos_token_id: int | list[int] | None = None, seed: int = 0, use_mtp: bool = False,
-             use_cache: bool = True, pad_token_id: int = 0, record_routes: bool = False) -> GenerationResult:
+             use_cache: bool = True, pad_token_id: int = 0, record_routes: bool = False, static_cache: bool = True,
+             workspace: DecodeWorkspace | None = None) -> GenerationResult:
     """Sample up to `max_new_tokens` after each prompt (token id lists, any lengths) in one batch.
 
+    HF Llama/Qwen2/Qwen3 models take the fast path of `r1pipe.model.fast_decode` (static cache, CUDA
+    graphs, compaction; `workspace` keeps its cache between calls) unless `static_cache=False`, which
+    keeps the plain `DynamicCache` loop (the reference the fast path is tested against).
     temperature 0 is greedy. `use_mtp` drafts with the first MTP module (our model only). `use_cache=False`
     recomputes the full sequence each step (slow; the reference the cached path is tested against).
     `record_routes` (our model): also return the experts each token was routed to (R3 routing replay)."""
@@ -183,8 +192,13 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
     batch, width = ids.shape
     positions = (valid.long().cumsum(1) - 1).clamp_min(0)
     max_len = width + (2 if use_mtp else 1) * max_new_tokens + 1
-    decoder = Decoder(model, batch, max_len, use_cache, record_routes)
     sampler = Sampler(temperature, top_p, seed, device)
+    if use_cache and static_cache and not ours and fast_decode.supports(model):
+        tokens, logprobs, truncated, cache_bytes = fast_decode.generate_static(
+            model, ids, valid, max_new_tokens, sampler, stops, workspace)
+        model.train(was_training)
+        return GenerationResult(tokens, logprobs, truncated, None, cache_bytes)
+    decoder = Decoder(model, batch, max_len, use_cache, record_routes)
     state = _Emitter(batch, max_new_tokens, stops)
     out = decoder.forward(ids, valid, positions)
     next_pos = positions[:, -1] + 1

@@ -3,6 +3,7 @@ every stage treats them alike: final hidden states, chunked per-token log-probs,
 the after-step hook (V3 expert-bias update) and saving."""
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,11 @@ from torch.utils.checkpoint import checkpoint
 from r1pipe.model.config import MODEL_TYPES, DeepseekConfig, preset_names
 from r1pipe.model.layers import build_attention_mask, upcast
 from r1pipe.model.modeling import DeepseekForCausalLM
+
+
+# fp32 logits in one log-prob chunk when the caller leaves the size to us (128 MiB): a few such blocks
+# (logits, log-softmax, entropy terms) are alive at once, and their recomputation in backward
+LOGITS_PER_CHUNK = 2**25
 
 
 class PolicyError(ValueError):
@@ -29,6 +35,18 @@ def chunk_logprobs(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.T
     token = logp.gather(-1, targets[..., None])[..., 0]
     entropy = -(logp.exp() * logp).sum(-1) if with_entropy else None
     return token, entropy
+
+
+def attention_backends(device: torch.device):
+    """On CUDA, scaled_dot_product_attention without its cuDNN backend. With a padding mask torch 2.11 picks
+    cuDNN on an H100, which builds an execution plan for every new sequence length: ~3 ms of CPU per call,
+    so a GRPO update (a new length per micro batch) spent most of its time there (bench/grpo.py, profiled).
+    The memory-efficient kernel takes the same masks."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def dense_mask(attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None) -> torch.Tensor | None:
@@ -99,15 +117,16 @@ class Policy:
         The forward is a call of `module`, wrappers included: DeepSpeed's engine does its per-micro-batch
         bookkeeping in its own forward (under ZeRO-3 gradients accumulate wrongly without it). A dense
         model's forward computes the logits of the last position only (`logits_to_keep=1`)."""
-        if self.is_deepseek:
-            out = self.module(input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=aux_labels,
-                              return_hidden=True, routes=routes, return_routes=return_routes)
-            return out.hidden_states, out.loss, out.aux or {}, out.routes
-        if routes is not None or return_routes:
-            raise PolicyError("routing replay needs a DeepSeek MoE policy; this one is dense")
-        out = self.module(input_ids=input_ids, attention_mask=dense_mask(attention_mask, position_ids),
-                          position_ids=position_ids, output_hidden_states=True, logits_to_keep=1, use_cache=False)
-        return out.hidden_states[-1], None, {}, None
+        with attention_backends(input_ids.device):
+            if self.is_deepseek:
+                out = self.module(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                  labels=aux_labels, return_hidden=True, routes=routes, return_routes=return_routes)
+                return out.hidden_states, out.loss, out.aux or {}, out.routes
+            if routes is not None or return_routes:
+                raise PolicyError("routing replay needs a DeepSeek MoE policy; this one is dense")
+            out = self.module(input_ids=input_ids, attention_mask=dense_mask(attention_mask, position_ids),
+                              position_ids=position_ids, output_hidden_states=True, logits_to_keep=1, use_cache=False)
+            return out.hidden_states[-1], None, {}, None
 
     def token_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                        position_ids: torch.Tensor | None = None, chunk_size: int = 1024, temperature: float = 1.0,
@@ -130,10 +149,11 @@ class Policy:
 
         `only` (bool [B, T-1]) restricts the vocabulary projection to those positions (GRPO: the
         completion tokens; prompts are often most of a sequence); they are then chunked `chunk_size`
-        tokens at a time and every other position gets 0."""
+        tokens at a time (0: as many as make `LOGITS_PER_CHUNK` logits) and every other position gets 0."""
         hidden, aux_loss, aux_metrics, chosen = self.hidden_states_and_aux(input_ids, attention_mask, position_ids,
                                                                            aux_labels, routes, return_routes)
         hidden, targets = hidden[:, :-1], input_ids[:, 1:]
+        chunk_size = chunk_size if chunk_size > 0 else max(16, LOGITS_PER_CHUNK // self.model.config.vocab_size)
         if only is not None:
             hidden, targets = hidden[only].unsqueeze(0), targets[only].unsqueeze(0)
         head = self.output_layer()

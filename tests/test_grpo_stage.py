@@ -113,7 +113,8 @@ def test_kill_and_resume_reproduces_metrics(tmp_path, tiny_model, monkeypatch, v
     whole_all = (tmp_path / "runs" / "whole" / "metrics.jsonl").read_text().splitlines()
     killed_all = (tmp_path / "runs" / "killed" / "metrics.jsonl").read_text().splitlines()
     assert whole == killed
-    strip = ("time", "step_time_s", "generation_s", "generation_tokens_per_s", "train_tokens_per_s", "weight_push_s")
+    strip = ("time", "step_time_s", "generation_s", "reward_s", "generation_tokens_per_s", "train_tokens_per_s",
+             "weight_push_s")
 
     def steady(lines):
         return [{k: v for k, v in json.loads(line).items() if k not in strip} for line in lines]

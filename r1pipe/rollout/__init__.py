@@ -27,7 +27,8 @@ class RolloutSection(Section):
         "(r1pipe.model.generate; MTP speculative decoding for V3). Chosen explicitly, never a fallback."
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "bfloat16", description="vLLM weight/activation dtype (the trainer keeps its own)."
+        "bfloat16", description="vLLM weight/activation dtype (the trainer keeps its own); native engine on "
+        "CUDA: the autocast dtype of decoding when the weights are wider."
     )
     gpu_memory_utilization: float = Field(
         0.3, gt=0, le=1, description="Share of device memory vLLM may take (weights + KV cache)."
@@ -42,7 +43,8 @@ class RolloutSection(Section):
         1, ge=1, description="vLLM tensor parallelism of the colocated engine (each trainer rank hosts a shard)."
     )
     sleep_during_training: bool = Field(
-        False, description="GPU only: release vLLM's weights and KV cache while the trainer runs (vLLM sleep mode)."
+        False, description="GPU only: release vLLM's weights and KV cache while the trainer runs (vLLM sleep mode); "
+        "native engine: release its static KV cache and CUDA graphs (rebuilt at each rollout)."
     )
     server_url: str | None = Field(None, description="vllm_server: base URL of the server, e.g. http://node1:8000.")
     server_timeout_s: float = Field(240.0, gt=0, description="vllm_server: seconds to wait for the server to answer.")
@@ -67,7 +69,8 @@ def build_engine(section: RolloutSection, *, model_dir: Path | None, policy, max
     if section.engine == "native":
         from r1pipe.rollout.native_engine import NativeEngine
 
-        return NativeEngine(policy, mtp_speculative=section.mtp_speculative, record_routes=record_routes)
+        return NativeEngine(policy, mtp_speculative=section.mtp_speculative, record_routes=record_routes,
+                            dtype=section.dtype, release_cache=section.sleep_during_training)
     if record_routes:
         raise RecipeError(f"grpo.routing_replay rollout: the {section.engine} engine does not return the experts it "
                           "chose; R3 needs rollout.engine native")

@@ -11,14 +11,22 @@ from collections.abc import Iterable
 
 import torch
 
+from r1pipe.model.fast_decode import DecodeWorkspace
 from r1pipe.rollout.base import Completion, SamplingSettings
 
 
 class NativeEngine:
-    def __init__(self, policy, *, mtp_speculative: bool = False, pad_token_id: int = 0, record_routes: bool = False):
+    """`dtype` (rollout.dtype): on CUDA, decoding runs under autocast to it when the weights are wider
+    (fp32 master weights decode in bf16, as vLLM would); on CPU the weights' own dtype is used."""
+
+    def __init__(self, policy, *, mtp_speculative: bool = False, pad_token_id: int = 0, record_routes: bool = False,
+                 dtype: str = "auto", release_cache: bool = False):
         self.policy, self.mtp_speculative, self.pad_token_id = policy, mtp_speculative, pad_token_id
         self.record_routes = record_routes  # R3 routing replay: each completion carries its experts
+        self.dtype, self.release_cache = dtype, release_cache
         self.last_acceptance_rate: float | None = None
+        # the fast path's static KV cache and CUDA graphs, kept between rollouts (same shapes every step)
+        self.workspace = DecodeWorkspace()
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingSettings, seed: int) -> list[Completion]:
         from r1pipe.model.generate import generate
@@ -26,7 +34,7 @@ class NativeEngine:
         if sampling.top_k > 0:
             raise ValueError("grpo.top_k: the native engine samples with temperature and top_p only; set top_k: -1")
         repeated = [ids for ids in prompt_ids for _ in range(sampling.n)]
-        with torch.no_grad(), self._whole_weights():
+        with torch.no_grad(), self._whole_weights(), self._autocast():
             result = generate(
                 self.policy.model,
                 repeated,
@@ -38,6 +46,7 @@ class NativeEngine:
                 use_mtp=self.mtp_speculative,
                 pad_token_id=self.pad_token_id,
                 record_routes=self.record_routes,
+                workspace=self.workspace,
             )
         self.last_acceptance_rate = result.acceptance_rate
         routes = result.routes or [None] * len(repeated)
@@ -47,6 +56,13 @@ class NativeEngine:
                 zip(result.token_ids, result.logprobs, result.truncated, routes, strict=True)
             )
         ]
+
+    def _autocast(self):
+        param = next(self.policy.model.parameters())
+        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(self.dtype)
+        if param.device.type != "cuda" or dtype is None or param.dtype.itemsize <= dtype.itemsize:
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=dtype)
 
     def _whole_weights(self):
         """Under DeepSpeed ZeRO-3 each rank holds a shard of every weight, gathered per module in a forward.
@@ -66,7 +82,11 @@ class NativeEngine:
         return 0.0
 
     def sleep(self) -> None:
-        """Shares the trainer's memory; nothing to release."""
+        """With `release_cache` (rollout.sleep_during_training): free the static KV cache and its CUDA graphs
+        while the trainer runs; the next rollout allocates and captures them again."""
+        if self.release_cache:
+            self.workspace.release()
 
     def close(self) -> None:
-        """Holds no resources of its own."""
+        """Frees the fast path's KV cache and graphs."""
+        self.workspace.release()

@@ -142,8 +142,9 @@ class GrpoSection(Section):
         "the live router (Ma et al. 2025, 'Stabilizing MoE RL by aligning training and inference routers')."
     )
     logprob_chunk_size: int = Field(
-        1024, gt=0, description="Completion tokens per chunk when computing log-probs: only completion positions "
-        "are projected onto the vocabulary, at most [chunk, vocab] fp32 logits at once (never [batch, seq, vocab])."
+        0, ge=0, description="Completion tokens per chunk when computing log-probs: only completion positions "
+        "are projected onto the vocabulary, at most [chunk, vocab] fp32 logits at once (never [batch, seq, vocab]). "
+        "0 = auto: 2**25 // vocab tokens (a 128 MiB block of logits; 682 tokens for a 49k vocabulary, 220 for 152k)."
     )
     log_samples: int = Field(2, ge=0, description="Completions per rollout batch written to samples.jsonl.")
 
@@ -505,7 +506,7 @@ class GrpoRun:
         g, want, world = self.g.group_size, self.prompts_per_rank, self.trainer.world_size
         kept: list[tuple] = []  # (prompt index, completions, rewards, per_reward)
         spare: list[tuple] = []
-        tokens, seconds, errors, rounds = 0, 0.0, 0, 0
+        tokens, seconds, reward_seconds, errors, rounds = 0, 0.0, 0.0, 0, 0
         while rounds < (self.g.max_sampling_rounds if self.g.dynamic_sampling else 1):
             need = int(self.trainer.all_reduce_max(want - len(kept)))
             if need == 0:
@@ -516,7 +517,9 @@ class GrpoRun:
             completions = self.engine.generate([self.prompts[i].ids for i in mine], self._sampling(), self._seed(rounds))
             seconds += time.perf_counter() - start
             tokens += sum(len(c.token_ids) for c in completions)
+            start = time.perf_counter()
             total, per_reward, n_errors = self._score(mine, completions)
+            reward_seconds += time.perf_counter() - start
             errors += n_errors
             signal = grpo.groups_with_signal(total, g) if self.g.dynamic_sampling else torch.ones(len(mine), dtype=bool)
             for k, index in enumerate(mine):
@@ -527,9 +530,9 @@ class GrpoRun:
         filled = max(0, want - len(kept))
         kept += spare[:filled]
         self.engine.sleep()
-        return self._assemble(kept, tokens, seconds, errors, rounds, filled)
+        return self._assemble(kept, tokens, seconds, reward_seconds, errors, rounds, filled)
 
-    def _assemble(self, groups, tokens, seconds, errors, rounds, filled) -> RolloutBatch:
+    def _assemble(self, groups, tokens, seconds, reward_seconds, errors, rounds, filled) -> RolloutBatch:
         from r1pipe import grpo
 
         completions = [c for _, group, _, _ in groups for c in group]
@@ -562,6 +565,7 @@ class GrpoRun:
             "reward_errors": errors,
             "generation_s": seconds,
             "generation_tokens_per_s": tokens / max(seconds, 1e-9),
+            "reward_s": reward_seconds,
         }
         acceptance = getattr(self.engine, "last_acceptance_rate", None)  # native engine, MTP speculative decoding
         if acceptance is not None:
@@ -753,9 +757,15 @@ class GrpoRun:
                 fresh = trainer.step % self.g.steps_per_batch == 0
                 if fresh:
                     self.batch = self.generate_batch()
+                    rollout_peak = peak_memory_gib(trainer.device)
                 metrics = self.update()
                 if fresh:
                     metrics.update(self.rollout_metrics)
+                    if rollout_peak is not None:
+                        metrics["memory/rollout_peak_gib"] = rollout_peak
+                update_peak = peak_memory_gib(trainer.device)
+                if update_peak is not None:
+                    metrics["memory/update_peak_gib"] = update_peak
                 if trainer.step % self.g.steps_per_batch == 0 or trainer.step == trainer.max_steps:
                     metrics["weight_push_s"] = self.push_weights()
                     self.batch = None
@@ -774,6 +784,15 @@ class GrpoRun:
                 "grpo.png",
             )
         return {"checkpoint": checkpoint}
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    """Peak accelerator memory allocated since the last call (GiB), then reset; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
+    torch.cuda.reset_peak_memory_stats(device)
+    return peak
 
 
 def engine_weights(policy, zero3: bool = False):
