@@ -140,7 +140,7 @@ def _guard(fn, violations):
 
 
 def _trusted_checks(violations):
-    """`__r1_compare__`, `__r1_truth__`, `__r1_not__`: what hardened test code calls (see sandbox.harden_test)."""
+    """`__r1_compare__`, `__r1_truth__`, `__r1_not__`: what hardened test code calls (see hardening.harden_test)."""
 
     def compare(ops, *operands):
         for i in range(len(ops)):
