@@ -1,8 +1,8 @@
 """The program that runs inside the sandbox: it executes one untrusted Python program and its tests.
 
-Started once per `Sandbox` as a fork server (`python -I -S _harness.py <socket fd>`, as root, in the
-sandbox's namespaces, with an empty environment); per job it forks a monitor, which forks the runner
-and reports its pid and exit status. The runner
+Started once per `Sandbox` as a fork server (`python -I -S -c <this file's source> <socket fd>`, see
+`forkserver.py`; as root, in the sandbox's namespaces, with an empty environment); per job it forks
+a monitor, which forks the runner and reports its pid and exit status. The runner
 
 1. reads the job (marshal; a random nonce, the program, the tests, limits) and deletes the file,
 2. sets the resource limits and drops to the job's unprivileged uid (so RLIMIT_NPROC binds and
