@@ -1,6 +1,6 @@
-"""The built-in rewards (BRIEF section 4). Each docstring's first line is what `r1pipe rewards list` shows.
+"""The built-in rewards (docs/REWARDS.md lists them with their options).
 
-Lengths (length, cosine_length, soft_overlong) count tokens when the trainer passes completion_ids
+Each docstring's first line is what `r1pipe rewards list` shows. Lengths (length, cosine_length, soft_overlong) count tokens when the trainer passes completion_ids
 and characters otherwise.
 """
 
@@ -9,13 +9,13 @@ from __future__ import annotations
 import ast
 import math
 import re
-import unicodedata
 from fractions import Fraction
 
 from r1pipe.rewards import code as code_scoring
 from r1pipe.rewards.math import extract_answer, gold_answer, verify_many
 from r1pipe.rewards.registry import RewardError, reward
 from r1pipe.rewards.sandbox import Limits
+from r1pipe.rewards.think import language_share, reasoning, think_pattern
 
 
 def _length(completion: str, completion_ids) -> int:
@@ -45,17 +45,11 @@ def accuracy(prompts, completions, *, completion_ids=None, source: str = "auto",
     return [None if ok is None else float(ok) for ok in correct]
 
 
-def _think_pattern(tag: str, answer_tag: str, prompt_opens_think: bool) -> re.Pattern:
-    opening = "" if prompt_opens_think else rf"\s*<{tag}>"
-    answer = rf"\s*<{answer_tag}>.*?</{answer_tag}>\s*" if answer_tag else r"\s*\S.*"
-    return re.compile(rf"^{opening}(?:(?!<{tag}>).)*?</{tag}>{answer}$", re.DOTALL)
-
-
 @reward("format")
 def format_reward(prompt, completion, *, completion_ids=None, think_tag: str = "think", answer_tag: str = "",
                   prompt_opens_think: bool = False):
     """1.0 for exactly one <think>...</think> followed by an answer (in <answer_tag> if set), else 0.0."""
-    ok = _think_pattern(think_tag, answer_tag, prompt_opens_think).match(completion)
+    ok = think_pattern(think_tag, answer_tag, prompt_opens_think).match(completion)
     return 1.0 if ok and completion.count(f"</{think_tag}>") == 1 else 0.0
 
 
@@ -160,41 +154,13 @@ def soft_overlong_reward(prompt, completion, *, completion_ids=None, max_length:
     return soft_overlong(_length(completion, completion_ids), max_length, cache_length)
 
 
-_SCRIPTS = {
-    "en": ("LATIN",), "fr": ("LATIN",), "de": ("LATIN",), "es": ("LATIN",), "it": ("LATIN",), "pt": ("LATIN",),
-    "zh": ("CJK",), "ja": ("CJK", "HIRAGANA", "KATAKANA"), "ko": ("HANGUL",), "ru": ("CYRILLIC",),
-    "uk": ("CYRILLIC",), "ar": ("ARABIC",), "hi": ("DEVANAGARI",), "el": ("GREEK",), "he": ("HEBREW",),
-    "th": ("THAI",),
-}
-_LETTERS = re.compile(r"[^\W\d_]+")
-
-
-def _script(char: str) -> str:
-    return unicodedata.name(char, "UNKNOWN").split(" ")[0]
-
-
-def language_share(text: str, language: str) -> float | None:
-    """Share of words written in `language`'s script (CJK/kana characters count one word each)."""
-    if language not in _SCRIPTS:
-        raise RewardError(f"reward 'language_consistency': unknown language {language!r}; known: {', '.join(_SCRIPTS)}")
-    targets = _SCRIPTS[language]
-    total = hits = 0
-    for word in _LETTERS.findall(text):
-        script = _script(word[0])
-        count = len(word) if script in ("CJK", "HIRAGANA", "KATAKANA") else 1
-        total += count
-        hits += count if script in targets else 0
-    return hits / total if total else None
-
-
 @reward("language_consistency")
 def language_consistency(prompt, completion, *, completion_ids=None, language: str = "en", think_tag: str = "think"):
     """R1 language consistency: share of the chain of thought's words in the target language's script.
 
     Script-based: R1 fights language *mixing* (e.g. Chinese inside an English CoT), which word
     scripts show reliably, while per-word language identification of short words does not."""
-    match = re.search(rf"<{think_tag}>(.*?)(?:</{think_tag}>|$)", completion, re.DOTALL)
-    return language_share(match.group(1) if match else completion, language)
+    return language_share(reasoning(completion, think_tag), language)
 
 
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
@@ -265,7 +231,7 @@ def code_reward(prompts, completions, *, completion_ids=None, timeout: float = 1
 @reward("code_format")
 def code_format(prompt, completion, *, completion_ids=None, require_think: bool = True, think_tag: str = "think"):
     """1.0 when (after a <think> block, if required) there is a ```python block that parses, else 0.0."""
-    if require_think and not _think_pattern(think_tag, "", False).match(completion):
+    if require_think and not think_pattern(think_tag, "", False).match(completion):
         return 0.0
     program = code_scoring.extract_code(completion.split(f"</{think_tag}>")[-1])
     if program is None:

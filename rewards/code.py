@@ -85,13 +85,5 @@ def all_passed(result: RunResult) -> bool:
     return result.status == "ok" and bool(result.passed) and all(result.passed)
 
 
-def score_humaneval(row: dict, program: str, **kwargs) -> float:
-    return score_rows([row], [program], **kwargs)[0]
-
-
-def score_mbpp(row: dict, program: str, **kwargs) -> float:
-    return score_rows([row], [program], **kwargs)[0]
-
-
 def score_stdio(program: str, cases, *, sandbox: Sandbox | None = None, limits: Limits | None = None) -> float:
     return (sandbox or default_sandbox()).run(stdio_job(program, cases), limits).pass_fraction

@@ -45,6 +45,7 @@ from decimal import Decimal, localcontext
 from fractions import Fraction
 from pathlib import Path
 
+from r1pipe.rewards.per_process import per_process
 from r1pipe.rewards.registry import RewardError
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*")
@@ -716,17 +717,10 @@ class Verifier:
                 break
 
 
-_verifier: Verifier | None = None
-_verifier_lock = threading.Lock()
-
-
+@per_process
 def default_verifier() -> Verifier:
     """The process-wide verifier pool; a forked child gets its own (worker pipes can't be shared)."""
-    global _verifier
-    with _verifier_lock:
-        if _verifier is None or _verifier.owner_pid != os.getpid():
-            _verifier = Verifier()
-        return _verifier
+    return Verifier()
 
 
 def verify(gold: str | None, prediction: str | None, timeout: float = 5.0) -> bool | None:

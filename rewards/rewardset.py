@@ -18,14 +18,19 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from r1pipe.config import Section
 from r1pipe.rewards.registry import RewardError, RewardInfo, load_reward
 
 
-class RewardSpec(Section):
-    """One reward of a recipe: `{name: accuracy, weight: 1.0, options: {timeout: 5}}`."""
+class RewardSpec(BaseModel):
+    """One reward of a recipe: `{name: accuracy, weight: 1.0, options: {timeout: 5}}`.
+
+    Validated like every recipe section (`r1pipe.config.Section`: unknown keys are errors, defaults are
+    validated too), but defined here so the rewards layer does not depend on the app.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_default=True, protected_namespaces=())
 
     name: str = Field(description="Registered reward name, `module.path:function` or `path/to/file.py:function`.")
     weight: float = Field(1.0, description="Multiplier of this reward in the total.")

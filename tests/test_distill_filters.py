@@ -1,13 +1,8 @@
 """R1's rejection filters on crafted completions."""
 import pytest
 
-from r1pipe.stages.distill import (
-    FilterSection,
-    foreign_word_share,
-    normalise_for_dedup,
-    rejection_reason,
-    split_think,
-)
+from r1pipe.rewards.think import foreign_word_share, split_think
+from r1pipe.stages.distill import FilterSection, normalise_for_dedup, rejection_reason
 
 GOOD = "<think>\nFirst add 2 and 3, which gives 5.\n</think>\nThe answer is \\boxed{5}."
 FILTERS = FilterSection()

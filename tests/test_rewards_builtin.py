@@ -6,7 +6,8 @@ import math
 import pytest
 
 from r1pipe.rewards import RewardError, RewardSet
-from r1pipe.rewards.builtin import cosine_scaled, countdown_score, language_share, soft_overlong
+from r1pipe.rewards.builtin import cosine_scaled, countdown_score, soft_overlong
+from r1pipe.rewards.think import language_share
 
 
 def score(name, completions, prompts=None, options=None, completion_ids=None, **columns):

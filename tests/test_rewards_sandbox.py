@@ -116,7 +116,7 @@ def test_fork_bomb_leaves_no_process_behind(sandbox):
                "            import time\n            time.sleep(1000)\n    except OSError:\n        pass\n" + ADD)
     result = run(sandbox, program)
     assert result.passed == [True, True]
-    from r1pipe.rewards.sandbox import _processes_of
+    from r1pipe.rewards.sandbox.cleanup import processes_of as _processes_of
     uids = range(sandbox._base_uid, sandbox._base_uid + 2)
     for _ in range(100):  # SIGKILLed processes take a moment to be reaped
         if not any(_processes_of(uid) for uid in uids):

@@ -20,7 +20,6 @@ import json
 import os
 import re
 import time
-import unicodedata
 from collections import Counter
 from pathlib import Path
 from typing import Literal
@@ -28,53 +27,13 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from r1pipe.config import RecipeError, Section, StageConfig, register_stage
+from r1pipe.rewards.think import foreign_word_share, split_think
 from r1pipe.rollout import RolloutSection
 from r1pipe.stages.grpo import PromptDataSection, build_prompts
-
-THINK_START, THINK_END = "<think>", "</think>"
 
 # ----------------------------------------------------------------------------------------------
 # Rejection filters (R1 section 2.3.3: mixed languages, long paragraphs, code blocks; plus the
 # format and length checks every distillation pipeline applies)
-
-
-def split_think(text: str) -> tuple[str, str] | None:
-    """(reasoning, answer) of ``<think>reasoning</think>answer``; None when the block is malformed.
-
-    Well-formed means: the text opens with ``<think>`` (leading whitespace allowed), has exactly one
-    ``<think>`` and one ``</think>`` in that order, and both the reasoning and the answer after the
-    block are non-empty.
-    """
-    stripped = text.lstrip()
-    if not stripped.startswith(THINK_START) or text.count(THINK_START) != 1 or text.count(THINK_END) != 1:
-        return None
-    reasoning, _, answer = stripped[len(THINK_START):].partition(THINK_END)
-    if not reasoning.strip() or not answer.strip():
-        return None
-    return reasoning, answer
-
-
-_SCRIPTS = {"en": ("LATIN",), "zh": ("CJK", "HIRAGANA", "KATAKANA")}
-
-
-def foreign_word_share(text: str, language: str) -> float:
-    """Share of words written (partly) outside the target language's script.
-
-    A word is a maximal run of letters; it is foreign when one of its letters' Unicode names does
-    not start with the script of ``language`` (en: Latin; zh: CJK). Digits, symbols and LaTeX
-    commands are not letters of any language and do not count.
-    """
-    if language not in _SCRIPTS:
-        raise ValueError(f"language: {language!r} is not supported; choose one of {', '.join(_SCRIPTS)}")
-    words = re.findall(r"[^\W\d_]+", text)
-    if not words:
-        return 0.0
-    scripts = _SCRIPTS[language]
-
-    def is_foreign(word: str) -> bool:
-        return any(not unicodedata.name(ch, "").startswith(scripts) for ch in word)
-
-    return sum(is_foreign(word) for word in words) / len(words)
 
 
 def longest_paragraph(text: str) -> int:

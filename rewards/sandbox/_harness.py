@@ -1,8 +1,8 @@
 """The program that runs inside the sandbox: it executes one untrusted Python program and its tests.
 
-Started once per `Sandbox` as a fork server (`python -I -S _harness.py <socket fd>`, as root, in the
-sandbox's namespaces, with an empty environment); per job it forks a monitor, which forks the runner
-and reports its pid and exit status. The runner
+Started once per `Sandbox` as a fork server (`python -I -S -c <this file's source> <socket fd>`, see
+`forkserver.py`; as root, in the sandbox's namespaces, with an empty environment); per job it forks
+a monitor, which forks the runner and reports its pid and exit status. The runner
 
 1. reads the job (marshal; a random nonce, the program, the tests, limits) and deletes the file,
 2. sets the resource limits and drops to the job's unprivileged uid (so RLIMIT_NPROC binds and
@@ -140,7 +140,7 @@ def _guard(fn, violations):
 
 
 def _trusted_checks(violations):
-    """`__r1_compare__`, `__r1_truth__`, `__r1_not__`: what hardened test code calls (see sandbox.harden_test)."""
+    """`__r1_compare__`, `__r1_truth__`, `__r1_not__`: what hardened test code calls (see hardening.harden_test)."""
 
     def compare(ops, *operands):
         for i in range(len(ops)):
