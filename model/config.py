@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from r1pipe.model.hf_adapter import MODEL_TYPES, add_vllm_defaults, write_json
+
 PRESET_DIR = Path(__file__).parent / "configs"
-MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 SCORING_FUNCS = ("softmax", "sigmoid")
 # Keys transformers adds on save that carry nothing we need; dropped on read so they do not pile up.
@@ -174,11 +175,8 @@ class DeepseekConfig:
             kind = rs.get("type", rs.get("rope_type"))
             rs["type"] = rs["rope_type"] = kind
             d["rope_scaling"] = rs
-        # V3 checkpoints written by transformers >= 5 lack these two; vLLM needs them (BRIEF.md 6).
-        if is_v3:
-            d.setdefault("topk_method", "noaux_tc")
-            d.setdefault("scoring_func", "sigmoid")
-        else:
+        add_vllm_defaults(d)
+        if not is_v3:
             d.setdefault("scoring_func", "softmax")
             d.setdefault("num_nextn_predict_layers", 0)
             if d.get("topk_method") == "greedy":
@@ -233,7 +231,7 @@ class DeepseekConfig:
 
     def save_pretrained(self, directory: str | Path) -> None:
         Path(directory).mkdir(parents=True, exist_ok=True)
-        (Path(directory) / "config.json").write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n")
+        write_json(Path(directory) / "config.json", self.to_hf_dict())
 
     @classmethod
     def preset(cls, name: str) -> DeepseekConfig:

@@ -2,7 +2,7 @@
 
 Module names follow the Hugging Face checkpoints (`model.layers.<i>.self_attn.kv_b_proj`, ...), MTP
 modules included at `model.layers.<num_hidden_layers + k>`; only the routed experts differ (one 3-D
-tensor per projection instead of one matrix per expert), see `checkpoint.py`.
+tensor per projection instead of one matrix per expert), see `hf_adapter.py`.
 """
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from r1pipe.model.checkpoint import load_state, open_checkpoint, save_pretrained
 from r1pipe.model.config import DeepseekConfig
+from r1pipe.model.hf_adapter import DeepseekStateDictAdapter
 from r1pipe.model.layers import (MLA, AttentionContext, LatentCache, RMSNorm, RotaryEmbedding, SwiGLU,
                                  build_attention_mask, upcast)
 from r1pipe.model.moe import MoE
@@ -266,21 +268,37 @@ class DeepseekForCausalLM(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path, dtype: torch.dtype = torch.float32,
                         device: torch.device | str = "cpu", keep_fp8: bool = False) -> DeepseekForCausalLM:
-        from r1pipe.model.checkpoint import load_pretrained
-
         return load_pretrained(directory, dtype=dtype, device=device, keep_fp8=keep_fp8)
 
     def save_pretrained(self, directory: str | Path, max_shard_size: int | str = "5GB",
                         dtype: torch.dtype | None = None) -> None:
-        from r1pipe.model.checkpoint import save_pretrained
-
         save_pretrained(self, directory, max_shard_size=max_shard_size, dtype=dtype)
 
     def hf_named_tensors(self):
         """(HF checkpoint name, tensor) pairs, e.g. to push weights into vLLM."""
-        from r1pipe.model.checkpoint import hf_named_tensors
+        return DeepseekStateDictAdapter(self.config).to_hf(self.state_dict())
 
-        return hf_named_tensors(self)
+
+def load_pretrained(directory: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                    keep_fp8: bool = False) -> DeepseekForCausalLM:
+    """Build the model from `directory`/config.json and load its safetensors weights, checking every
+    tensor's presence and shape (errors name the tensor). FP8 weights are dequantized into `dtype`;
+    `keep_fp8` also runs the dense linear layers through r1pipe.kernels' FP8Linear (128x128 weight
+    blocks re-quantized from the dequantized weights reproduce the stored FP8 values), with the
+    embedding, head, gates and eh_proj in high precision as in V3."""
+    config, reader = open_checkpoint(directory)
+    with torch.device("meta"):
+        model = DeepseekForCausalLM(config)
+    model.to_empty(device=device)
+    model.to(dtype)
+    for moe in model.moe_layers().values():
+        moe.expert_load.zero_()
+    load_state(model, reader)
+    if keep_fp8:
+        from r1pipe.kernels.linear import convert_to_fp8_linear
+
+        convert_to_fp8_linear(model)
+    return model
 
 
 def mtp_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor, depth: int) -> torch.Tensor:

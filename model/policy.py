@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from r1pipe.model.config import MODEL_TYPES, DeepseekConfig, preset_names
+from r1pipe.model.config import DeepseekConfig, preset_names
+from r1pipe.model.hf_adapter import MODEL_TYPES
 from r1pipe.model.layers import build_attention_mask, upcast
 from r1pipe.model.modeling import DeepseekForCausalLM
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import shutil
 import time
@@ -25,48 +24,9 @@ import numpy as np
 import torch
 
 from r1pipe.config import RecipeError, StageConfig, dump_config
+from r1pipe.model.atomic import atomic_write_dir, atomic_write_text
 
 _CHECKPOINT_PREFIX = "step_"
-_TMP_PREFIX = ".tmp-"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_dir(target: Path, write_fn: Callable[[Path], None]) -> Path:
-    """Write a directory under a temporary name, then rename it into place.
-
-    A reader never sees a half-written directory: either the old one, or the complete new one.
-    """
-    target = Path(target)
-    tmp = target.with_name(_TMP_PREFIX + target.name)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    write_fn(tmp)
-    for file in tmp.rglob("*"):
-        if file.is_file():
-            with open(file, "rb") as handle:
-                os.fsync(handle.fileno())
-    if target.exists():
-        old = target.with_name(_TMP_PREFIX + "old-" + target.name)
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, target)
-    _fsync_dir(target.parent)
-    return target
 
 
 def capture_rng_state() -> dict:
@@ -186,9 +146,7 @@ class RunDir:
             if not file.is_file():
                 continue
             kept = [line for line in file.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-            tmp = file.with_name(_TMP_PREFIX + name)
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, file)
+            atomic_write_text(file, "".join(line + "\n" for line in kept))
 
     def log_samples(self, step: int, samples: list[dict]) -> None:
         with open(self.path / "samples.jsonl", "a") as handle:
@@ -256,9 +214,7 @@ class RunDir:
 
     def write_outputs(self, outputs: dict) -> None:
         """Record what the finished stage produced; its presence marks the run complete."""
-        tmp = self.outputs_file.with_name(_TMP_PREFIX + "outputs.json")
-        tmp.write_text(json.dumps({k: _plain(v) for k, v in outputs.items()}, indent=2))
-        os.replace(tmp, self.outputs_file)
+        atomic_write_text(self.outputs_file, json.dumps({k: _plain(v) for k, v in outputs.items()}, indent=2))
 
     def read_outputs(self) -> dict | None:
         return json.loads(self.outputs_file.read_text()) if self.outputs_file.is_file() else None

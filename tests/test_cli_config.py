@@ -19,7 +19,8 @@ from pydantic import Field, model_validator
 
 from r1pipe import cli, config
 from r1pipe.config import ExistingPath, RecipeError, Section, StageConfig, load_recipe
-from r1pipe.rundir import RunDir, atomic_write_dir
+from r1pipe.model.atomic import atomic_write_dir
+from r1pipe.rundir import RunDir
 
 
 class ToyModel(Section):

@@ -137,7 +137,7 @@ def test_v3_bf16_drop_mtp_and_fp8_keep_mtp(tmp_path, tiny_models):
     assert weights["model.layers.1.mlp.gate.weight"].dtype == torch.bfloat16
     assert weights["model.layers.1.mlp.experts.3.down_proj.weight"].dtype == torch.float8_e4m3fn
     # reloading the FP8 export (dequantized by r1pipe.model) gives the FP8-rounded weights back
-    from r1pipe.model.checkpoint import load_pretrained
+    from r1pipe.model.modeling import load_pretrained
     from r1pipe.model.policy import load_policy
 
     reloaded = load_pretrained(out, dtype=torch.float32)

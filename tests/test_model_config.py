@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from r1pipe.model import ConfigError, DeepseekConfig, DeepseekForCausalLM, parameter_counts
-from r1pipe.model.checkpoint import CheckpointError
 from r1pipe.model.config import preset_names
+from r1pipe.model.hf_adapter import CheckpointError
 from test_model_helpers import single_thread  # noqa: F401  (autouse fixture)
 
 V3_RELEASED = {  # the config.json of deepseek-ai/DeepSeek-V3 (auto_map trimmed)

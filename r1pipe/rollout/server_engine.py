@@ -18,6 +18,7 @@ from collections.abc import Iterable
 
 import torch
 
+from r1pipe.model.hf_adapter import dtype_name
 from r1pipe.rollout.base import Completion, SamplingSettings
 
 
@@ -58,7 +59,7 @@ class VLLMServerEngine:
             self.client.init_communicator(device=torch.cuda.current_device())
             self.communicator_ready = True
         tensors = [(name, tensor.detach()) for name, tensor in named_tensors]
-        metadata = [(name, str(t.dtype).removeprefix("torch."), list(t.shape)) for name, t in tensors]
+        metadata = [(name, dtype_name(t.dtype), list(t.shape)) for name, t in tensors]
         self.client.update_named_params(metadata, iter(tensors))
         self.client.reset_prefix_cache()
         return time.perf_counter() - start

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import time
 from collections import Counter
@@ -27,6 +26,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from r1pipe.config import RecipeError, Section, StageConfig, register_stage
+from r1pipe.model.atomic import atomic_write_dir, atomic_write_text
 from r1pipe.rewards.think import foreign_word_share, split_think
 from r1pipe.rollout import RolloutSection
 from r1pipe.stages.grpo import PromptDataSection, build_prompts
@@ -170,14 +170,6 @@ def chunk_seed(run_seed: int, chunk: int) -> int:
     return (run_seed * 1_000_003 + chunk * 7919) % 2**31
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 class Distiller:
     """Generation, scoring, filtering and writing of one distill run, chunk by chunk."""
 
@@ -272,8 +264,8 @@ class Distiller:
         stats["generation_s"] = round(seconds, 3)
         stats["tokens"] = sum(len(c.token_ids) for c in completions)
         # Stats first, rows last: the rows file's existence marks the chunk done.
-        write_atomic(self.shard_path(chunk).with_suffix(".stats.json"), json.dumps(dict(stats)))
-        write_atomic(self.shard_path(chunk), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        atomic_write_text(self.shard_path(chunk).with_suffix(".stats.json"), json.dumps(dict(stats)))
+        atomic_write_text(self.shard_path(chunk), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         self.run_dir.log_metrics(chunk, {f"distill/{k}": v for k, v in stats.items()}
                                  | {"distill/tokens_per_s": stats["tokens"] / max(seconds, 1e-9)})
         self.run_dir.log_samples(chunk, [{"prompt": prompts[0].text, "completion": texts[0],
@@ -295,8 +287,6 @@ class Distiller:
         """All shards in chunk order -> distilled.jsonl + a `datasets` directory + stats.json."""
         import datasets
 
-        from r1pipe.rundir import atomic_write_dir
-
         rows, totals = [], Counter()
         for chunk in chunks:
             rows += [json.loads(line) for line in self.shard_path(chunk).read_text().splitlines() if line.strip()]
@@ -307,11 +297,11 @@ class Distiller:
                 "check keep.min_reward, filters and the teacher"
             )
         jsonl = self.run_dir.path / "distilled.jsonl"
-        write_atomic(jsonl, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        atomic_write_text(jsonl, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         dataset_dir = atomic_write_dir(self.run_dir.path / "dataset",
                                        lambda tmp: datasets.Dataset.from_list(rows).save_to_disk(str(tmp)))
         summary = {**dict(totals), "rows": len(rows), "keep_rate": len(rows) / max(totals["generated"], 1)}
-        write_atomic(self.run_dir.path / "stats.json", json.dumps(summary, indent=2))
+        atomic_write_text(self.run_dir.path / "stats.json", json.dumps(summary, indent=2))
         self.run_dir.logger.info("distilled %d rows from %d prompts x %d samples (%s)", len(rows),
                                  len(self.prompts), self.cfg.sampling.n,
                                  ", ".join(f"{k}={v}" for k, v in sorted(totals.items())))

@@ -4,8 +4,9 @@
                                 chat template, generation_config.json (R1 sampling: temperature 0.6, top-p 0.95)
     runs/<name>/verify.json     what the verification found
 
-The weights are streamed tensor by tensor into shards of `max_shard_size`, so exporting never holds
-more than one shard in memory. Options: the dtype, FP8 block quantization in the released
+The weights are streamed tensor by tensor into shards of `max_shard_size` (planned by
+r1pipe.model.hf_adapter, as transformers plans them), so exporting holds one shard in memory, not the
+model. Options: the dtype, FP8 block quantization in the released
 DeepSeek-V3 format (`float8_e4m3fn` weights + `weight_scale_inv`, via r1pipe.kernels), keeping or
 dropping a V3 model's MTP layers (`model.layers.<num_hidden_layers + k>`). An FP8 source is
 dequantized first, so FP8 -> bf16 and re-quantization both work.
@@ -32,8 +33,6 @@ from pydantic import Field, model_validator
 
 from r1pipe.config import RecipeError, Section, StageConfig, register_stage
 
-DEEPSEEK_TYPES = ("deepseek_v2", "deepseek_v3")
-FP32_SUFFIXES = ("e_score_correction_bias",)  # kept in fp32 whatever the export dtype (as HF and vLLM do)
 DEFAULT_PROMPTS = ["What is 17 + 25?", "Write one sentence about the sea."]
 
 
@@ -109,7 +108,7 @@ class ExportSection(Section):
 
     @model_validator(mode="after")
     def _paths_and_sizes(self):
-        from r1pipe.model.checkpoint import parse_size
+        from r1pipe.model.hf_adapter import parse_size
 
         parse_size(self.max_shard_size)
         return self
@@ -135,13 +134,30 @@ class ExportConfig(StageConfig):
 
 def export_weights(source: Path, out_dir: Path, dtype: str = "bfloat16", fp8: bool = False,
                    fp8_skip: list[str] | None = None, mtp: str = "keep", max_shard_size: str = "2GB") -> dict:
-    """Write `source`'s config and weights to `out_dir` in the chosen format; returns a short report."""
-    import torch
-    from safetensors.torch import save_file
+    """Write `source`'s config and weights to `out_dir` in the chosen format; returns a short report.
 
-    from r1pipe.kernels import DEFAULT_SKIP, quantize_state_dict_fp8
-    from r1pipe.kernels.linear import is_skipped
-    from r1pipe.model.checkpoint import CheckpointError, CheckpointReader, parse_size
+    The shards are planned first, from the tensors' shapes converted on the meta device; then each tensor
+    is read, converted and written once, so the export holds one shard in memory, not the model."""
+    import torch
+
+    from r1pipe.kernels import DEFAULT_SKIP
+    from r1pipe.model.hf_adapter import declared_mtp_layers, write_safetensors
+
+    config, reader, names = export_source(source, mtp)
+    convert = WeightConverter(reader, getattr(torch, dtype), fp8, tuple(fp8_skip if fp8_skip is not None else DEFAULT_SKIP))
+    plan, quantized, kept_high = plan_export(reader, names, convert, max_shard_size)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_safetensors(out_dir, plan, ((name, convert(name, reader.get(name))) for name in names))
+    write_export_config(config, out_dir, dtype, fp8, kept_high)
+    return {"tensors": len(names), "fp8_tensors": quantized, "shards": len(plan.filename_to_tensors),
+            "bytes": plan.metadata["total_size"], "mtp_layers": declared_mtp_layers(config)}
+
+
+def export_source(source: Path, mtp: str):
+    """(`source`'s config.json, a reader of its weights, the names to export): no FP8 scales (each weight
+    brings its own), no tied head, and no MTP modules under `mtp: drop` (the config then declares none)."""
+    from r1pipe.model.hf_adapter import (CheckpointError, CheckpointReader, declared_mtp_layers, is_tied_head,
+                                         mtp_prefixes)
 
     config_file = source / "config.json"
     if not config_file.is_file():
@@ -152,81 +168,81 @@ def export_weights(source: Path, out_dir: Path, dtype: str = "bfloat16", fp8: bo
     except CheckpointError as err:
         raise ExportError(f"export.checkpoint: {err}") from None
     names = [n for n in reader.weight_map if not n.endswith("_scale_inv")]
-    is_deepseek = config.get("model_type") in DEEPSEEK_TYPES
-    mtp_layers = int(config.get("num_nextn_predict_layers", 0) or 0) if is_deepseek else 0
-    mtp_prefixes = tuple(f"model.layers.{config['num_hidden_layers'] + k}." for k in range(mtp_layers))
-    if mtp_prefixes and not any(n.startswith(mtp_prefixes) for n in names):
-        if mtp == "keep":
-            raise ExportError(f"export.mtp: {source} declares {mtp_layers} MTP layer(s) but holds no "
-                              f"{mtp_prefixes[0]}* tensors; use mtp: drop")
-    if mtp == "drop" and mtp_prefixes:
-        names = [n for n in names if not n.startswith(mtp_prefixes)]
+    mtp_layers = declared_mtp_layers(config) or 0
+    prefixes = mtp_prefixes(config["num_hidden_layers"], mtp_layers) if mtp_layers else ()
+    if prefixes and not any(n.startswith(prefixes) for n in names) and mtp == "keep":
+        raise ExportError(f"export.mtp: {source} declares {mtp_layers} MTP layer(s) but holds no "
+                          f"{prefixes[0]}* tensors; use mtp: drop")
+    if mtp == "drop" and prefixes:
+        names = [n for n in names if not n.startswith(prefixes)]
         config["num_nextn_predict_layers"] = 0
-    if config.get("tie_word_embeddings") and "lm_head.weight" in names:
-        names.remove("lm_head.weight")  # tied: transformers and vLLM rebuild it from the embedding
-    target = getattr(torch, dtype)
-    skip = tuple(fp8_skip if fp8_skip is not None else DEFAULT_SKIP)
-    limit = parse_size(max_shard_size)
+    # tied: transformers and vLLM rebuild the head from the embedding
+    return config, reader, [n for n in names if not is_tied_head(n, config.get("tie_word_embeddings"))]
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in list(out_dir.glob("model*.safetensors")) + list(out_dir.glob("*.safetensors.index.json")):
-        stale.unlink()
-    shard: dict[str, torch.Tensor] = {}
-    shard_files: list[tuple[Path, list[str]]] = []
-    shard_bytes = total = quantized = 0
 
-    def flush():
-        nonlocal shard, shard_bytes
-        if shard:
-            path = out_dir / f".shard-{len(shard_files) + 1:05d}.safetensors"
-            save_file(shard, path, metadata={"format": "pt"})
-            shard_files.append((path, list(shard)))
-            shard, shard_bytes = {}, 0
+class WeightConverter:
+    """One source tensor -> what the export writes for it: `target` dtype (fp32 for the FP32 tensors, FP8
+    sources dequantized), then under `fp8` FP8 blocks with their scales; non-float tensors as they are.
+    Given a meta tensor it reads nothing and returns meta tensors: the shapes and dtypes to plan shards."""
 
-    quant_config, kept_high = None, []
-    for name in names:
-        raw = reader.get(name)
-        if not (raw.is_floating_point() or raw.dtype == torch.float8_e4m3fn):
-            tensors = {name: raw}
+    def __init__(self, reader, target, fp8: bool, skip: tuple[str, ...]):
+        self.reader, self.target, self.fp8, self.skip = reader, target, fp8, skip
+
+    def quantizes(self, name: str, raw) -> bool:
+        """Whether `name` goes through FP8 quantization (which still keeps skipped modules and non-matrices)."""
+        from r1pipe.model.hf_adapter import hf_dtype
+
+        return self.fp8 and raw.is_floating_point() and hf_dtype(name, self.target) is self.target
+
+    def __call__(self, name: str, raw) -> dict:
+        from r1pipe.kernels import quantize_state_dict_fp8
+        from r1pipe.model.hf_adapter import hf_dtype
+
+        if not raw.is_floating_point():  # float8_e4m3fn included: an FP8 source is dequantized
+            return {name: raw}
+        wanted = hf_dtype(name, self.target)
+        if raw.is_meta:
+            tensor = raw.new_empty(raw.shape, dtype=wanted)
         else:
-            wanted = torch.float32 if name.endswith(FP32_SUFFIXES) else target
-            tensors = {name: reader.weight(name, wanted, "cpu").contiguous()}
-            if fp8 and wanted is target:
-                tensors, quant_config = quantize_state_dict_fp8(tensors, skip)
-                quantized += len(tensors) > 1
-                module = name.removesuffix(".weight")
-                if len(tensors) == 1 and raw.dim() == 2 and not is_skipped(module, DEFAULT_SKIP):
-                    kept_high.append(module)
-        size = sum(t.numel() * t.element_size() for t in tensors.values())
-        if shard and shard_bytes + size > limit:
-            flush()
-        shard.update(tensors)
-        shard_bytes += size
-        total += size
-    flush()
+            tensor = self.reader.weight(name, wanted, "cpu").contiguous()
+        if self.quantizes(name, raw):
+            return quantize_state_dict_fp8({name: tensor}, self.skip)[0]
+        return {name: tensor}
 
-    weight_map = {}
-    for i, (path, keys) in enumerate(shard_files, start=1):
-        final = "model.safetensors" if len(shard_files) == 1 else f"model-{i:05d}-of-{len(shard_files):05d}.safetensors"
-        path.rename(out_dir / final)
-        weight_map.update({k: final for k in keys})
-    if len(shard_files) > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+def plan_export(reader, names: list[str], convert: WeightConverter, max_shard_size: str):
+    """(the shard plan, how many tensors became FP8, the 2-D weights kept in high precision beyond the
+    released layout's own exceptions), all from meta tensors: nothing is read or converted yet."""
+    from r1pipe.kernels import DEFAULT_SKIP
+    from r1pipe.kernels.linear import is_skipped
+    from r1pipe.model.hf_adapter import plan_shards
+
+    sizes, quantized, kept_high = {}, 0, []
+    for name in names:
+        raw = reader.meta(name)
+        tensors = convert(name, raw)
+        sizes[name] = sum(t.numel() * t.element_size() for t in tensors.values())
+        if convert.quantizes(name, raw):
+            quantized += len(tensors) > 1
+            module = name.removesuffix(".weight")
+            if len(tensors) == 1 and raw.dim() == 2 and not is_skipped(module, DEFAULT_SKIP):
+                kept_high.append(module)
+    return plan_shards(sizes, max_shard_size), quantized, kept_high
+
+
+def write_export_config(config: dict, out_dir: Path, dtype: str, fp8: bool, kept_high: list[str]) -> None:
+    """config.json of the export: its dtype, the FP8 quantization_config, and the keys vLLM's DeepSeek
+    loader needs."""
+    from r1pipe.kernels import QUANTIZATION_CONFIG
+    from r1pipe.model.hf_adapter import add_vllm_defaults, write_json
 
     config.pop("quantization_config", None)
     if fp8:
-        config["quantization_config"] = dict(quant_config or quantize_state_dict_fp8({}, skip)[1])
+        config["quantization_config"] = dict(QUANTIZATION_CONFIG)
         if kept_high:  # beyond the released layout's own exceptions: vLLM and transformers must be told
             config["quantization_config"]["modules_to_not_convert"] = kept_high
     config["torch_dtype"] = config["dtype"] = dtype
-    if config.get("model_type") == "deepseek_v3":
-        # vLLM's DeepSeek loader needs these (recent transformers no longer writes them)
-        config.setdefault("topk_method", "noaux_tc")
-        config.setdefault("scoring_func", "sigmoid")
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return {"tensors": len(names), "fp8_tensors": quantized, "shards": len(shard_files), "bytes": total,
-            "mtp_layers": int(config.get("num_nextn_predict_layers", 0) or 0) if is_deepseek else None}
+    write_json(out_dir / "config.json", add_vllm_defaults(config))
 
 
 # ----------------------------------------------------------------------------------------------

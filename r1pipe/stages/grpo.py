@@ -29,6 +29,7 @@ from pydantic import Field, model_validator
 from r1pipe.config import RecipeError, Section, StageConfig, register_stage
 from r1pipe.data import SourceSection
 from r1pipe.grpo import Advantage, ImportanceCorrection, KlEstimator, LossType, PolicyLoss, RatioLevel, ScaleRewards
+from r1pipe.model.hf_adapter import merged_peft_name, mtp_prefixes
 from r1pipe.rollout import RolloutSection, stop_token_ids
 from r1pipe.train import ModelSection, TrainSection
 
@@ -808,9 +809,8 @@ def engine_weights(policy, zero3: bool = False):
         module.merge_adapter()
         try:
             for name, tensor in module.state_dict().items():
-                if "lora_" in name or "modules_to_save" in name:
-                    continue
-                yield name.removeprefix("base_model.model.").replace(".base_layer", ""), tensor
+                if (hf_name := merged_peft_name(name)) is not None:
+                    yield hf_name, tensor
         finally:
             module.unmerge_adapter()
     else:
@@ -832,11 +832,9 @@ def _gathered_weights(model):
 
     layers = {name: m for name, m in model.named_modules() if re.fullmatch(r"model\.layers\.\d+", name)}
     shared = [p for n, p in model.named_parameters() if not n.startswith("model.layers.")]
-    decoder_layers = model.config.num_hidden_layers
-    groups = [
-        (f"{name}.", list(layer.parameters()) + (shared if int(name.rsplit(".", 1)[1]) >= decoder_layers else []))
-        for name, layer in layers.items()
-    ]
+    mtp = mtp_prefixes(model.config.num_hidden_layers, getattr(model.config, "num_nextn_predict_layers", 0))
+    groups = [(f"{name}.", list(layer.parameters()) + (shared if f"{name}.".startswith(mtp) else []))
+              for name, layer in layers.items()]
     groups.append(("", shared))
     for prefix, params in groups:
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
