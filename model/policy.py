@@ -3,7 +3,6 @@ every stage treats them alike: final hidden states, chunked per-token log-probs,
 the after-step hook (V3 expert-bias update) and saving."""
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,18 +35,6 @@ def chunk_logprobs(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.T
     token = logp.gather(-1, targets[..., None])[..., 0]
     entropy = -(logp.exp() * logp).sum(-1) if with_entropy else None
     return token, entropy
-
-
-def attention_backends(device: torch.device):
-    """On CUDA, scaled_dot_product_attention without its cuDNN backend. With a padding mask torch 2.11 picks
-    cuDNN on an H100, which builds an execution plan for every new sequence length: ~3 ms of CPU per call,
-    so a GRPO update (a new length per micro batch) spent most of its time there (bench/grpo.py, profiled).
-    The memory-efficient kernel takes the same masks."""
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def dense_mask(attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None) -> torch.Tensor | None:
@@ -118,16 +105,15 @@ class Policy:
         The forward is a call of `module`, wrappers included: DeepSpeed's engine does its per-micro-batch
         bookkeeping in its own forward (under ZeRO-3 gradients accumulate wrongly without it). A dense
         model's forward computes the logits of the last position only (`logits_to_keep=1`)."""
-        with attention_backends(input_ids.device):
-            if self.is_deepseek:
-                out = self.module(input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                  labels=aux_labels, return_hidden=True, routes=routes, return_routes=return_routes)
-                return out.hidden_states, out.loss, out.aux or {}, out.routes
-            if routes is not None or return_routes:
-                raise PolicyError("routing replay needs a DeepSeek MoE policy; this one is dense")
-            out = self.module(input_ids=input_ids, attention_mask=dense_mask(attention_mask, position_ids),
-                              position_ids=position_ids, output_hidden_states=True, logits_to_keep=1, use_cache=False)
-            return out.hidden_states[-1], None, {}, None
+        if self.is_deepseek:
+            out = self.module(input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=aux_labels,
+                              return_hidden=True, routes=routes, return_routes=return_routes)
+            return out.hidden_states, out.loss, out.aux or {}, out.routes
+        if routes is not None or return_routes:
+            raise PolicyError("routing replay needs a DeepSeek MoE policy; this one is dense")
+        out = self.module(input_ids=input_ids, attention_mask=dense_mask(attention_mask, position_ids),
+                          position_ids=position_ids, output_hidden_states=True, logits_to_keep=1, use_cache=False)
+        return out.hidden_states[-1], None, {}, None
 
     def token_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                        position_ids: torch.Tensor | None = None, chunk_size: int = 1024, temperature: float = 1.0,

@@ -400,6 +400,12 @@ class Trainer:
             if not torch.cuda.is_available():
                 raise RecipeError("train.device: cuda requested but no CUDA device is visible")
             torch.cuda.set_device(self.local_rank)
+            # No cuDNN scaled_dot_product_attention in a training process: with a padding mask torch 2.11 picks
+            # it on an H100 and builds an execution plan for every new sequence length, ~3 ms of CPU per call;
+            # a GRPO update (a new length per micro batch, and gradient checkpointing's recomputation, which
+            # must pick the same kernel as the forward) spent most of its time there (bench/grpo.py, profiled).
+            # The memory-efficient kernel takes the same masks.
+            torch.backends.cuda.enable_cudnn_sdp(False)
             return torch.device("cuda", self.local_rank)
         return torch.device("cpu")
 
