@@ -41,7 +41,7 @@ import torch
 from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
-from r1pipe.config import ExistingPath, RecipeError, Section
+from r1pipe.config import ExistingPath, RecipeError, Section, Workload
 
 # ----------------------------------------------------------------------------------------------
 # Recipe sections
@@ -133,6 +133,17 @@ class TrainSection(Section):
         if self.warmup_steps > self.max_steps:
             raise ValueError(f"warmup_steps {self.warmup_steps} exceeds max_steps {self.max_steps}")
         return self
+
+
+def training_workload(model: ModelSection, train: TrainSection, sequence_length: int | None) -> Workload:
+    """What a run that trains `model` under `train` loads and processes (for `r1pipe plan`); one optimizer
+    step takes `train.batch_size` sequences of up to `sequence_length` tokens."""
+    return Workload(
+        model_path=model.path, model_dtype=model.dtype, lora=model.lora is not None, precision=train.precision,
+        zero_stage=train.deepspeed.zero_stage if train.deepspeed is not None else 0,
+        gradient_checkpointing=model.gradient_checkpointing, micro_batch_size=train.micro_batch_size,
+        sequence_length=sequence_length, sequences_per_step=train.batch_size,
+    )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node 2 tests/multirank_worker.py OUT_DIR SCENARIO [SCENARIO ...]
 
-Each scenario runs a real stage (r1pipe.cli.run_stage) on a tiny model and writes what the test
+Each scenario runs a real stage (r1pipe.runner.run_stage) on a tiny model and writes what the test
 compares to OUT_DIR/<scenario>/world<W>-rank<r>.pt: the full gradients of the first optimizer steps (gathered
 from DeepSpeed's partitions with `deepspeed.utils.safe_get_full_grad`, before the optimizer step),
 the logged metrics, the rollout engine's calls and the prompt sampler's position. GRPO rollouts come
@@ -249,8 +249,7 @@ def tensor_parallel_engine() -> dict:
 
 def run_killed(recipe: Path, at_update: int) -> None:
     """Run the recipe until its `at_update`-th update starts, then raise KeyboardInterrupt on every rank."""
-    from r1pipe.cli import run_stage
-    from r1pipe.config import load_recipe
+    from r1pipe.runner import load_recipe, run_stage
     from r1pipe.stages import grpo as stage
 
     update, calls = stage.GrpoRun.update, {"n": 0}
@@ -272,8 +271,7 @@ def run_killed(recipe: Path, at_update: int) -> None:
 
 
 def run(out: Path, names: list[str]) -> None:
-    from r1pipe.cli import run_stage
-    from r1pipe.config import load_recipe
+    from r1pipe.runner import load_recipe, run_stage
 
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     grads: dict = {}

@@ -18,7 +18,8 @@ import pytest
 from pydantic import Field, model_validator
 
 from r1pipe import cli, config
-from r1pipe.config import ExistingPath, RecipeError, Section, StageConfig, load_recipe
+from r1pipe.config import ExistingPath, RecipeError, Section, StageConfig
+from r1pipe.runner import load_recipe
 from r1pipe.rundir import RunDir, atomic_write_dir
 
 

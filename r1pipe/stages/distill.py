@@ -27,7 +27,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from r1pipe.config import RecipeError, Section, StageConfig, register_stage
+from r1pipe.config import RecipeError, Section, StageConfig, Workload, register_stage
 from r1pipe.rollout import RolloutSection
 from r1pipe.stages.grpo import PromptDataSection, build_prompts
 
@@ -205,6 +205,9 @@ class DistillConfig(StageConfig):
                 raise ValueError(f"keep.min_reward: {name!r} is not one of the configured rewards ({', '.join(names)})")
         return self
 
+    def workload(self) -> Workload:
+        return Workload(model_path=self.teacher.path, model_dtype=self.teacher.dtype, devices=self.rollout.devices)
+
 
 def chunk_seed(run_seed: int, chunk: int) -> int:
     """Sampling seed of one chunk: depends on (run seed, chunk) only, so resuming reproduces the rows."""
@@ -359,6 +362,7 @@ class Distiller:
         return {"dataset": str(dataset_dir), "jsonl": str(jsonl), "rows": len(rows)}
 
 
-@register_stage("distill", DistillConfig)
+@register_stage("distill", DistillConfig,
+                summary="teacher generation + rejection filtering into a training dataset")
 def run(cfg: DistillConfig, run_dir) -> dict:
     return Distiller(cfg, run_dir).run()

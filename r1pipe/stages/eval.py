@@ -23,7 +23,7 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
-from r1pipe.config import RecipeError, Section, StageConfig, register_stage
+from r1pipe.config import RecipeError, Section, StageConfig, Workload, register_stage
 from r1pipe.evaluation import BenchmarkSpec
 from r1pipe.rollout import RolloutSection
 from r1pipe.stages.distill import SamplingSection, TeacherSection
@@ -76,6 +76,9 @@ class EvalConfig(StageConfig):
         if too_big:
             raise ValueError(f"eval.ks: pass@{too_big[0]} needs sampling.n >= {too_big[0]} (n = {self.sampling.n})")
         return self
+
+    def workload(self) -> Workload:
+        return Workload(model_path=self.model.path, model_dtype=self.model.dtype, devices=self.rollout.devices)
 
 
 def chunk_seed(run_seed: int, benchmark: int, chunk: int) -> int:
@@ -256,7 +259,8 @@ def plot_summary(summary: dict, out: Path) -> Path:
     return out
 
 
-@register_stage("eval", EvalConfig)
+@register_stage("eval", EvalConfig,
+                summary="pass@1 / pass@k / maj@k on math and code benchmarks")
 def run(cfg: EvalConfig, run_dir) -> dict:
     from r1pipe.evaluation import summarize
 

@@ -538,7 +538,8 @@ def verify_export(section: ExportSection, source: Path, out_dir: Path, tokenizer
 # The stage
 
 
-@register_stage("export", ExportConfig)
+@register_stage("export", ExportConfig,
+                summary="checkpoint -> Hugging Face directory (optionally FP8), verified by reloading")
 def run(cfg: ExportConfig, run_dir) -> dict:
     section = cfg.export
     source = section.source_path()

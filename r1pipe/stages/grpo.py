@@ -15,6 +15,7 @@ accumulation, checkpoints and resume in ``r1pipe.train.Trainer``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import re
 import time
@@ -26,11 +27,11 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
-from r1pipe.config import RecipeError, Section, StageConfig, register_stage
+from r1pipe.config import RecipeError, Section, StageConfig, Workload, register_stage
 from r1pipe.data import SourceSection
 from r1pipe.grpo import Advantage, ImportanceCorrection, KlEstimator, LossType, PolicyLoss, RatioLevel, ScaleRewards
 from r1pipe.rollout import RolloutSection, stop_token_ids
-from r1pipe.train import ModelSection, TrainSection
+from r1pipe.train import ModelSection, TrainSection, training_workload
 
 PROMPT_FIELDS = ("prompt", "messages", "system")
 # per-step extrema of the loss function's diagnostics, reduced with min / max over micro batches and ranks
@@ -208,6 +209,19 @@ class GrpoConfig(StageConfig):
                 f"{self.grpo.mini_batches} of whole micro batches (train.micro_batch_size {self.train.micro_batch_size})"
             )
         return self
+
+    @property
+    def prompts_per_batch(self) -> int:
+        """Prompts of one rollout batch (each sampled group_size times)."""
+        return self.train.batch_size // self.grpo.group_size
+
+    def workload(self) -> Workload:
+        length = self.grpo.max_prompt_length + self.grpo.max_completion_length
+        return dataclasses.replace(
+            training_workload(self.model, self.train, length),
+            sequences_per_step=self.prompts_per_batch * self.grpo.group_size,
+            reference_model=self.grpo.beta > 0, devices=self.rollout.devices,
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -839,6 +853,7 @@ def write_engine_checkpoint(policy, tokenizer, directory: Path) -> None:
     tokenizer.save_pretrained(directory)
 
 
-@register_stage("grpo", GrpoConfig)
+@register_stage("grpo", GrpoConfig,
+                summary="GRPO reinforcement learning with rule-based rewards and vLLM rollouts")
 def run(cfg: GrpoConfig, run_dir) -> dict:
     return GrpoRun(cfg, run_dir).run()
