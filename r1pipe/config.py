@@ -22,6 +22,14 @@ class RecipeError(Exception):
     """A user-facing configuration error; its message is a single line."""
 
 
+def split_evenly(total: int, parts: int, message: str, error: type[Exception] = RecipeError) -> int:
+    """`total // parts`, or `error(message)` when `parts` does not divide `total` (a batch that must split
+    into ranks, micro batches or groups; ValueError inside a section's validator)."""
+    if total % parts:
+        raise error(message)
+    return total // parts
+
+
 class Section(BaseModel):
     """Base of every recipe section: unknown keys are errors, defaults are validated too."""
 

@@ -38,6 +38,8 @@ class ScriptedEngine:
     dynamic sampling). Records every generate call, so the test can check the ranks made the same ones.
     """
 
+    last_acceptance_rate = None
+
     def __init__(self, vocab_size: int):
         self.vocab_size, self.calls = vocab_size, []
 
@@ -83,8 +85,8 @@ REAL_ENGINE: list[bool] = []  # non-empty: the scenario samples with r1pipe's na
 def install_hooks(record_grads: dict) -> None:
     """Scripted engine, gradient capture, sampler positions and the reference's size, patched into r1pipe."""
     import r1pipe.rollout
-    from r1pipe import train
     from r1pipe.stages import grpo as stage
+    from r1pipe.train import trainer as train
 
     real_engine = r1pipe.rollout.build_engine
 

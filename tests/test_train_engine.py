@@ -15,22 +15,15 @@ import yaml
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from r1pipe.config import RecipeError
-from r1pipe import train as train_module
+from r1pipe.train import trainer as train_module
 from r1pipe.data import BatchStream, DataSection, SourceSection, build_pretrain_rows, build_sft_rows, collate
 from r1pipe.kernels import FP8Linear, weight_quant
 from r1pipe.demo.tokenizer import build_tokenizer
 from r1pipe.rundir import RunDir, seed_everything
 from r1pipe.runner import load_recipe
-from r1pipe.train import (
-    ModelSection,
-    TrainSection,
-    Trainer,
-    build_optimizer,
-    build_scheduler,
-    deepspeed_config,
-    lm_loss,
-    training_workload,
-)
+from r1pipe.train.optim import build_optimizer, build_scheduler, deepspeed_config
+from r1pipe.train.sections import ModelSection, TrainSection, training_workload
+from r1pipe.train.trainer import Trainer, lm_loss
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_PRETRAIN = REPO / "recipes" / "demo" / "data" / "pretrain.jsonl"

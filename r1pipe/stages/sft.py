@@ -6,7 +6,8 @@ from pydantic import Field
 
 from r1pipe.config import StageConfig, Workload, register_stage
 from r1pipe.data import DataSection, build_sft_rows
-from r1pipe.train import ModelSection, TrainSection, train_lm, training_workload
+from r1pipe.train.lm import train_lm
+from r1pipe.train.sections import ModelSection, TrainSection, training_workload
 
 
 class SFTConfig(StageConfig):
