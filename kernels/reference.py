@@ -1,7 +1,7 @@
 """Plain PyTorch references for the FP8 block-quantization kernels.
 
 They run anywhere (the CPU path of `r1pipe.kernels.fp8`) and are the oracle the Triton kernels are
-tested against. Formats follow the released DeepSeek-V3 weights (BRIEF.md section 1): e4m3 values,
+tested against. Formats follow the released DeepSeek-V3 weights (their `weight_scale_inv` safetensors): e4m3 values,
 fp32 scales with `dequantized = fp8 * scale`, activations in 1x128 tiles, weights in 128x128 blocks.
 Edge tiles (a dimension that is not a multiple of the block) get their own scale over the valid part.
 """
