@@ -381,8 +381,7 @@ class BatchStream:
             raise RecipeError("data: no training rows")
         self.per_rank = split_evenly(batch_size, world_size,
                                      f"train.batch_size: {batch_size} is not divisible by {world_size} ranks")
-        self.rows, self.batch_size, self.seed = rows, batch_size, seed
-        self.rank, self.world_size, self.pad_id, self.shuffle = rank, world_size, pad_id, shuffle
+        self.rows, self.batch_size, self.rank, self.pad_id = rows, batch_size, rank, pad_id
         self.consumed = 0
         self.order = EpochOrder(len(rows), seed, shuffle)
 
@@ -392,11 +391,10 @@ class BatchStream:
 
     def next_step(self, micro_batch_size: int) -> list[dict]:
         """This rank's micro batches for the next optimizer step."""
-        per_rank = self.per_rank
-        start = self.consumed + self.rank * per_rank
-        mine = [self.rows[self.order[p]] for p in range(start, start + per_rank)]
+        start = self.consumed + self.rank * self.per_rank
+        mine = [self.rows[self.order[p]] for p in range(start, start + self.per_rank)]
         self.consumed += self.batch_size
-        return [collate(mine[i : i + micro_batch_size], self.pad_id) for i in range(0, per_rank, micro_batch_size)]
+        return [collate(mine[i : i + micro_batch_size], self.pad_id) for i in range(0, self.per_rank, micro_batch_size)]
 
     def state_dict(self) -> dict:
         return {"consumed": self.consumed, "rows": len(self.rows)}

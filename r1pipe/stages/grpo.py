@@ -186,18 +186,12 @@ class GrpoConfig(StageConfig):
                      f"{micro})", ValueError)
         return self
 
-    @property
-    def prompts_per_batch(self) -> int:
-        """Prompts of one rollout batch (each sampled group_size times)."""
-        return self.train.batch_size // self.grpo.group_size
-
     def workload(self) -> Workload:
+        """A step's train.batch_size sequences are its prompts x group_size completions, each up to the
+        prompt and completion limits long."""
         length = self.grpo.max_prompt_length + self.grpo.max_completion_length
-        return dataclasses.replace(
-            training_workload(self.model, self.train, length),
-            sequences_per_step=self.prompts_per_batch * self.grpo.group_size,
-            reference_model=self.grpo.beta > 0, devices=self.rollout.devices,
-        )
+        return dataclasses.replace(training_workload(self.model, self.train, length),
+                                   reference_model=self.grpo.beta > 0, devices=self.rollout.devices)
 
 
 # ----------------------------------------------------------------------------------------------
