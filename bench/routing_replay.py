@@ -124,8 +124,7 @@ def grpo_runs(policy: DeepseekForCausalLM, steps: int, device: str) -> None:
     import yaml
 
     import r1pipe.rollout
-    from r1pipe.cli import run_stage
-    from r1pipe.config import load_recipe
+    from r1pipe.runner import load_recipe, run_stage
     from r1pipe.rewards import reward
 
     @reward("bench_even_tokens")

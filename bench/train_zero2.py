@@ -24,7 +24,7 @@ KEYS = ("loss", "lm_loss", "mtp_loss", "balance_loss", "grad_norm", "eval_loss")
 def train(mode: str, out: Path, overrides: list[str]) -> None:
     import torch
 
-    from r1pipe.config import load_recipe
+    from r1pipe.runner import load_recipe
     from r1pipe.rundir import RunDir, seed_everything
     from r1pipe.stages.pretrain import run
 

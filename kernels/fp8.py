@@ -6,12 +6,10 @@ its shape (measured on first use, see `_gemm_backend`).
 Triton is imported only when a CUDA tensor arrives, so CPU machines without a working Triton
 never touch it.
 """
-import functools
-
 import torch
 import torch.nn.functional as F
 from r1pipe.kernels import reference as ref
-from r1pipe.kernels.reference import FP8_DTYPE, GEMM_BLOCK_K, cdiv
+from r1pipe.kernels.reference import FP8_DTYPE, GEMM_BLOCK_K, cdiv, device_capability
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -30,16 +28,11 @@ def _check_dtype(name: str, t: torch.Tensor, allowed) -> None:
     _check(t.dtype in allowed, lambda: f"{name}: dtype {t.dtype} not supported, expected one of {list(allowed)}")
 
 
-@functools.cache
-def _capability(device_index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device_index)
-
-
 def _use_triton(*tensors: torch.Tensor) -> bool:
     t = tensors[0]
     _check(all(x.device == t.device for x in tensors),
            lambda: f"FP8 op inputs are on different devices: {[str(x.device) for x in tensors]}")
-    return t.is_cuda and _capability(t.get_device()) >= (8, 9)
+    return t.is_cuda and device_capability(t.get_device()) >= (8, 9)
 
 
 def _triton():
@@ -133,7 +126,7 @@ def _cublas_blockwise_fits(a2: torch.Tensor, b_fp8: torch.Tensor, out_dtype: tor
     """cuBLAS (CUDA 12.9+) has the V3 scaling recipes on SM90 only, with a bf16 output, M a multiple
     of 4, K a multiple of 4 x 128 and N of 16."""
     n, k = b_fp8.shape
-    return (hasattr(F, "ScalingType") and _capability(a2.get_device()) == (9, 0) and out_dtype == torch.bfloat16
+    return (hasattr(F, "ScalingType") and device_capability(a2.get_device()) == (9, 0) and out_dtype == torch.bfloat16
             and a2.shape[0] % 4 == 0 and k % (4 * GEMM_BLOCK_K) == 0 and n % 16 == 0
             and a2.is_contiguous() and b_fp8.is_contiguous())
 

@@ -1,10 +1,12 @@
 """Plain PyTorch references for the FP8 block-quantization kernels.
 
 They run anywhere (the CPU path of `r1pipe.kernels.fp8`) and are the oracle the Triton kernels are
-tested against. Formats follow the released DeepSeek-V3 weights (BRIEF.md section 1): e4m3 values,
+tested against. Formats follow the released DeepSeek-V3 weights (their `weight_scale_inv` safetensors): e4m3 values,
 fp32 scales with `dequantized = fp8 * scale`, activations in 1x128 tiles, weights in 128x128 blocks.
 Edge tiles (a dimension that is not a multiple of the block) get their own scale over the valid part.
 """
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -18,6 +20,12 @@ GEMM_BLOCK_K = 128  # the K width of one scale: fp8_gemm promotes partial sums t
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+@functools.cache
+def device_capability(device_index: int) -> tuple[int, int]:
+    """The CUDA compute capability of a device (which kernels it runs), asked once per device."""
+    return torch.cuda.get_device_capability(device_index)
 
 
 def ceil_pow2(scale: torch.Tensor) -> torch.Tensor:

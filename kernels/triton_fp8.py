@@ -19,8 +19,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from r1pipe.kernels import reference as ref
-from r1pipe.kernels.fp8 import _capability
-from r1pipe.kernels.reference import GEMM_BLOCK_K, b_scale_rows, cdiv
+from r1pipe.kernels.reference import GEMM_BLOCK_K, b_scale_rows, cdiv, device_capability
 
 AMAX_FLOOR = tl.constexpr(ref.AMAX_FLOOR)
 FP8_MAX = tl.constexpr(ref.FP8_MAX)
@@ -265,7 +264,7 @@ def _sm_count(device_index: int) -> int:
 
 def _tma_fits(*tensors: torch.Tensor) -> bool:
     """The copy engine (sm_90+) needs 16-byte aligned bases and row strides, and unit inner strides."""
-    return _capability(tensors[0].get_device()) >= (9, 0) and all(
+    return device_capability(tensors[0].get_device()) >= (9, 0) and all(
         t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0 for t in tensors)
 
 

@@ -9,24 +9,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import textwrap
 import typing
-from pathlib import Path
 
-from r1pipe import __version__
-from r1pipe.config import STAGE_NAMES, RecipeError, get_stage, load_recipe
-
-STAGE_SUMMARIES = {
-    "pretrain": "next-token training of a base model on raw text",
-    "sft": "supervised fine-tuning on chats (cold start, or a student on distilled data)",
-    "grpo": "GRPO reinforcement learning with rule-based rewards and vLLM rollouts",
-    "distill": "teacher generation + rejection filtering into a training dataset",
-    "eval": "pass@1 / pass@k / maj@k on math and code benchmarks",
-    "export": "checkpoint -> Hugging Face directory (optionally FP8), verified by reloading",
-    "report": "collect a pipeline's evaluations into a markdown report with plots",
-}
+from r1pipe import __version__, pipeline
+from r1pipe.config import RecipeError, get_stage, stage_summaries
+from r1pipe.runner import load_recipe, run_stage
 
 TOOLS = {
     "run": "run a pipeline file (several stages wired together), resuming where it stopped",
@@ -81,56 +70,7 @@ def describe_schema(cls, indent: int = 2) -> str:
     return "\n".join(lines)
 
 
-def check_local_inputs(cfg) -> None:
-    """Before a run directory is made: a model or data path that can only be local must exist.
-
-    Recipes may name hub ids (`name`, `org/name`) and presets too, and pipelines fill paths in from
-    earlier steps, so this runs on the final config rather than in the schema."""
-    from r1pipe.data import DATA_FILE_SUFFIXES
-
-    for section in ("model", "teacher"):
-        path = getattr(getattr(cfg, section, None), "path", None)
-        if isinstance(path, str) and _only_local(path) and not Path(path).exists():
-            raise RecipeError(f"{section}.path: no such model directory: {_where(path)}")
-    for index, source in enumerate(getattr(getattr(cfg, "data", None), "sources", None) or []):
-        if (_only_local(source.path) or source.path.endswith(DATA_FILE_SUFFIXES)) and not Path(source.path).exists():
-            raise RecipeError(f"data.sources.{index}.path: no such file: {_where(source.path)}")
-
-
-def _only_local(path: str) -> bool:
-    """Not a hub id: absolute, explicitly relative, or deeper than `org/name`."""
-    return path.startswith(("/", ".", "~")) or path.count("/") >= 2
-
-
-def _where(path: str) -> str:
-    return path if Path(path).is_absolute() else f"{path} (relative to {Path.cwd()})"
-
-
-def run_stage(cfg, overwrite: bool = False) -> dict:
-    """Open (or resume) the run directory and run the stage; a finished run is not redone."""
-    from r1pipe.rundir import RunDir, seed_everything
-
-    _, run_fn = get_stage(cfg.stage)
-    check_local_inputs(cfg)
-    main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun/deepspeed only rank 0 owns the run dir
-    run_dir = RunDir.open(cfg, overwrite=overwrite, main_process=main_process)
-    done = run_dir.read_outputs()
-    if done is not None:
-        run_dir.logger.info("%s is complete already (outputs.json); nothing to do", run_dir.path)
-        return done
-    seed_everything(cfg.run.seed)
-    run_dir.logger.info("stage %s -> %s", cfg.stage, run_dir.path)
-    try:
-        outputs = run_fn(cfg, run_dir) or {}
-        if not main_process:
-            return outputs
-        run_dir.write_outputs(outputs)
-    finally:
-        run_dir.close()
-    return run_dir.read_outputs()  # JSON-plain (paths as strings), exactly what a resumed pipeline sees
-
-
-def _stage_parser(sub, name: str, with_schema: bool):
+def _stage_parser(sub, name: str, summary: str, with_schema: bool):
     epilog = None
     if with_schema:
         config_cls, run_fn = get_stage(name)
@@ -139,8 +79,8 @@ def _stage_parser(sub, name: str, with_schema: bool):
         epilog += describe_schema(config_cls)
     parser = sub.add_parser(
         name,
-        help=STAGE_SUMMARIES[name],
-        description=f"r1pipe {name}: {STAGE_SUMMARIES[name]}.",
+        help=summary,
+        description=f"r1pipe {name}: {summary}.",
         epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -160,11 +100,11 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"r1pipe {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="command")
     wanted = argv[0] if argv else None
-    for name in STAGE_NAMES:
-        _stage_parser(sub, name, with_schema=(name == wanted and any(a in ("-h", "--help") for a in argv)))
+    for name, summary in stage_summaries().items():
+        _stage_parser(sub, name, summary, with_schema=(name == wanted and any(a in ("-h", "--help") for a in argv)))
 
     run = sub.add_parser("run", help=TOOLS["run"], description="r1pipe run: " + TOOLS["run"] + ".",
-                         epilog=__import__("r1pipe.pipeline", fromlist=["x"]).__doc__,
+                         epilog=pipeline.__doc__,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("pipeline", help="pipeline YAML (recipes/<x>/pipeline.yaml), or a single stage recipe")
     run.add_argument("overrides", nargs="*", metavar="step.key=value",
@@ -176,7 +116,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help=TOOLS["plan"], description="r1pipe plan: " + TOOLS["plan"] + ".")
     plan.add_argument("recipe", help="stage recipe or pipeline YAML")
     plan.add_argument("overrides", nargs="*", metavar="key=value", help="override recipe keys")
-    plan.add_argument("--gpus", type=int, default=None, help="devices to plan for (default: the recipe's, else 1)")
+    plan.add_argument("--gpus", type=int, default=None, help="devices to plan for (default: the recipe's: a colocated vLLM's tensor_parallel_size, else 1)")
 
     rewards = sub.add_parser("rewards", help=TOOLS["rewards"], description="r1pipe rewards: " + TOOLS["rewards"] + ".")
     rewards.add_argument("action", choices=["list"], help="list: every registered reward with its options")
@@ -190,13 +130,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             build_parser([]).print_help()
             return 0
-        if args.command in STAGE_NAMES:
+        if args.command in stage_summaries():
             run_stage(load_recipe(args.recipe, args.overrides, stage=args.command), overwrite=args.overwrite)
         elif args.command == "run":
-            from r1pipe.pipeline import is_pipeline, run_pipeline
-
-            if is_pipeline(args.pipeline):
-                run_pipeline(args.pipeline, args.overrides, overwrite=args.overwrite, only=args.only)
+            if pipeline.is_pipeline(args.pipeline):
+                pipeline.run_pipeline(args.pipeline, args.overrides, overwrite=args.overwrite, only=args.only)
             else:
                 run_stage(load_recipe(args.pipeline, args.overrides), overwrite=args.overwrite)
         elif args.command == "plan":

@@ -8,21 +8,26 @@ pydantic does the type checking; this module only maps its errors back to the YA
 from __future__ import annotations
 
 import difflib
-import importlib
 import types
 import typing
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-STAGE_NAMES = ("pretrain", "sft", "grpo", "distill", "eval", "export", "report")
-
-
 class RecipeError(Exception):
     """A user-facing configuration error; its message is a single line."""
+
+
+def split_evenly(total: int, parts: int, message: str, error: type[Exception] = RecipeError) -> int:
+    """`total // parts`, or `error(message)` when `parts` does not divide `total` (a batch that must split
+    into ranks, micro batches or groups; ValueError inside a section's validator)."""
+    if total % parts:
+        raise error(message)
+    return total // parts
 
 
 class Section(BaseModel):
@@ -55,44 +60,65 @@ class RunSection(Section):
         return self.output_dir / self.name
 
 
-class StageConfig(Section):
-    """Base of each stage's config; stages add their own sections."""
+@dataclass(frozen=True)
+class Workload:
+    """What a stage's run loads and processes, as `r1pipe plan` sizes it (None: the stage has no such figure)."""
 
-    stage: str = Field(description=f"Which stage this recipe configures: one of {', '.join(STAGE_NAMES)}.")
+    model_path: str | None = None  # the model the run loads (directory, hub id or preset)
+    model_dtype: str = "float32"  # the dtype its weights load in
+    lora: bool = False  # only LoRA adapters train
+    precision: str = "fp32"  # train.precision
+    zero_stage: int = 0  # DeepSpeed ZeRO stage (0: none)
+    gradient_checkpointing: bool = False
+    micro_batch_size: int | None = None  # sequences per forward on one device
+    sequence_length: int | None = None  # tokens of one sequence at most
+    sequences_per_step: int | None = None  # sequences per optimizer step, over all devices
+    reference_model: bool = False  # a frozen copy of the weights beside the policy (GRPO's KL reference)
+    devices: int = 1  # devices the recipe runs on at least
+
+
+class StageConfig(Section):
+    """Base of each stage's config; stages add their own sections and say what they load (`workload`)."""
+
+    stage: str = Field(description="Which stage this recipe configures (a stage command of `r1pipe --help`).")
     run: RunSection = Field(description="Run name, output directory, seed and metric sinks.")
+
+    def workload(self) -> Workload:
+        """What the run loads and processes, for `r1pipe plan`; stages that load a model say which."""
+        return Workload()
 
 
 # ----------------------------------------------------------------------------------------------
-# Stage registry
+# Stage registry: each module of r1pipe/stages registers itself when imported; importing the
+# package r1pipe.stages registers them all (r1pipe.runner does, and reads the registry through these).
 
 
 StageFn = Callable[[Any, Any], dict]
 _STAGES: dict[str, tuple[type[StageConfig], StageFn]] = {}
+_SUMMARIES: dict[str, str] = {}
 
 
-def register_stage(name: str, config_cls: type[StageConfig]) -> Callable[[StageFn], StageFn]:
-    """Register `run(cfg, run_dir) -> outputs` as the implementation of stage `name`."""
+def register_stage(name: str, config_cls: type[StageConfig], *, summary: str) -> Callable[[StageFn], StageFn]:
+    """Register `run(cfg, run_dir) -> outputs` as stage `name`: its recipes validate against `config_cls`,
+    and `summary` is its line in `r1pipe --help`."""
 
     def decorate(fn: StageFn) -> StageFn:
         _STAGES[name] = (config_cls, fn)
+        _SUMMARIES[name] = summary
         return fn
 
     return decorate
 
 
+def stage_summaries() -> dict[str, str]:
+    """name -> one-line summary of every registered stage, in registration order (the pipeline's)."""
+    return dict(_SUMMARIES)
+
+
 def get_stage(name: str) -> tuple[type[StageConfig], StageFn]:
-    """Import `r1pipe.stages.<name>` and return its (config class, run function)."""
-    if name not in STAGE_NAMES:
-        raise RecipeError(f"unknown stage {name!r}{_did_you_mean(name, STAGE_NAMES)}; stages: {', '.join(STAGE_NAMES)}")
+    """The (config class, run function) registered as stage `name`."""
     if name not in _STAGES:
-        try:
-            importlib.import_module(f"r1pipe.stages.{name}")
-        except ModuleNotFoundError as err:
-            if err.name == f"r1pipe.stages.{name}":
-                raise RecipeError(f"stage {name!r} is not built yet in this version of r1pipe") from None
-            raise
-    if name not in _STAGES:
-        raise RecipeError(f"stage {name!r} is not built yet in this version of r1pipe")
+        raise RecipeError(f"unknown stage {name!r}{did_you_mean(name, _STAGES)}; stages: {', '.join(_STAGES)}")
     return _STAGES[name]
 
 
@@ -100,7 +126,7 @@ def get_stage(name: str) -> tuple[type[StageConfig], StageFn]:
 # YAML with line numbers
 
 
-def _did_you_mean(word: str, choices) -> str:
+def did_you_mean(word: str, choices) -> str:
     close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -228,7 +254,7 @@ def _format_error(err: dict, root: type[BaseModel], source: str, lines: dict[tup
     if kind == "extra_forbidden":
         parent = _model_at(root, loc[:-1])
         allowed = list(parent.model_fields) if parent else []
-        hint = _did_you_mean(loc[-1], allowed)
+        hint = did_you_mean(loc[-1], allowed)
         return f"{where}: {key}: unknown key{hint}" + (f"; allowed: {', '.join(allowed)}" if not hint else "")
     if kind == "missing":
         return f"{where}: {key}: required key is missing"
@@ -257,33 +283,6 @@ def validate(
         first = _format_error(errors[0], cls, source, lines or {})
         more = f" (+{len(errors) - 1} more error{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
         raise RecipeError(first + more) from None
-
-
-def load_recipe_data(path: str | Path, overrides=(), stage: str | None = None) -> tuple[dict, dict, str]:
-    """Read a recipe, apply `key=value` overrides and settle its stage; returns (data, lines, stage)."""
-    data, lines = read_yaml(path)
-    for text in overrides:
-        keys, value = parse_override(text)
-        apply_override(data, keys, value, origin=f"override {text!r}")
-        lines.pop(tuple(keys), None)
-    declared = data.get("stage")
-    if stage is not None and declared is not None and declared != stage:
-        raise RecipeError(f"{path}:{lines.get(('stage',), 1)}: stage: this recipe is for {declared!r}, not {stage!r}")
-    data["stage"] = stage = declared or stage
-    if stage is None:
-        raise RecipeError(f"{path}: stage: required key is missing (one of {', '.join(STAGE_NAMES)})")
-    if not isinstance(stage, str) or stage not in STAGE_NAMES:
-        raise RecipeError(
-            f"{path}:{lines.get(('stage',), 1)}: stage: unknown stage {stage!r}{_did_you_mean(stage, STAGE_NAMES)}"
-        )
-    return data, lines, stage
-
-
-def load_recipe(path: str | Path, overrides=(), stage: str | None = None) -> StageConfig:
-    """Read, override and validate a stage recipe into its typed config."""
-    data, lines, stage = load_recipe_data(path, overrides, stage)
-    config_cls, _ = get_stage(stage)
-    return validate(config_cls, data, str(path), lines)
 
 
 def dump_config(cfg: BaseModel) -> str:

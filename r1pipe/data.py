@@ -22,13 +22,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from pydantic import Field, model_validator
 
-from r1pipe.config import RecipeError, Section
+from r1pipe.chat import ChatFormat, ChatTemplate, SystemPrompt, ThinkPrefill, render_prompt, to_messages
+from r1pipe.config import RecipeError, Section, split_evenly
+from r1pipe.seeds import EpochOrder
 
-THINK_START, THINK_END = "<think>", "</think>"
 TEXT_FIELDS = ("text",)
 CHAT_FIELDS = ("messages", "prompt", "completion", "reasoning", "system")
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
@@ -59,20 +59,16 @@ class SourceSection(Section):
     max_rows: int | None = Field(None, gt=0, description="Use only the first N rows.")
 
 
-class DataSection(Section):
+class DataSection(Section, ChatFormat):
     """Where the training text comes from and how it becomes token rows."""
 
     sources: list[SourceSection] = Field(min_length=1, description="Datasets, mixed by weight.")
     max_length: int = Field(1024, gt=1, description="Tokens per row; longer SFT examples are truncated.")
     packing: bool = Field(True, description="Pack several documents per row (no attention across them).")
     shuffle: bool = Field(True, description="Shuffle rows each epoch (seeded by run.seed).")
-    chat_template: str | None = Field(
-        None, description="Jinja chat template (inline or a .jinja file); default: the tokenizer's."
-    )
-    system_prompt: str | None = Field(None, description="System message for rows without a `system` field.")
-    think_prefill: bool = Field(
-        False, description="End the prompt with '<think>\\n' (R1 style); the model learns the rest."
-    )
+    chat_template: ChatTemplate = None
+    system_prompt: SystemPrompt = None
+    think_prefill: ThinkPrefill = False
     eval_rows: int = Field(0, ge=0, description="Hold out this many rows for a validation loss.")
     num_proc: int = Field(1, ge=1, description="Worker processes for tokenization (datasets.map).")
 
@@ -152,43 +148,7 @@ def load_mixture(data: DataSection, fields: tuple[str, ...], seed: int):
 
 
 # ----------------------------------------------------------------------------------------------
-# Chat formatting (shared with GRPO and evaluation)
-
-
-def r1_response(reasoning: str, answer: str) -> str:
-    """R1's assistant turn: the chain of thought inside think tags, then the answer."""
-    return f"{THINK_START}\n{reasoning.strip()}\n{THINK_END}\n{answer.strip()}"
-
-
-def apply_template(tokenizer, chat_template: str | None) -> None:
-    """Install the recipe's chat template (inline or .jinja file) on the tokenizer, or check it has one."""
-    if chat_template:
-        text = Path(chat_template).read_text() if chat_template.endswith(".jinja") else chat_template
-        tokenizer.chat_template = text
-    elif not getattr(tokenizer, "chat_template", None):
-        raise RecipeError("data.chat_template: the tokenizer has no chat template; set one in the recipe")
-
-
-def to_messages(record: dict, system_prompt: str | None = None) -> list[dict]:
-    """A record (`messages`, or `prompt`/`completion`/`reasoning`/`system`) as chat messages."""
-    if record.get("messages") is not None:
-        return list(record["messages"])
-    messages = []
-    system = record.get("system") or system_prompt
-    if system:
-        messages.append({"role": "system", "content": system})
-    messages.append({"role": "user", "content": record["prompt"]})
-    if record.get("completion") is not None:
-        reasoning = record.get("reasoning")
-        content = r1_response(reasoning, record["completion"]) if reasoning else record["completion"]
-        messages.append({"role": "assistant", "content": content})
-    return messages
-
-
-def render_prompt(tokenizer, messages: list[dict], think_prefill: bool = False) -> str:
-    """The text a model continues: the conversation, the assistant header, optionally '<think>\\n'."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return text + f"{THINK_START}\n" if think_prefill else text
+# Tokenization
 
 
 def tokenize_chat(tokenizer, messages: list[dict], max_length: int, think_prefill: bool = False) -> dict:
@@ -359,7 +319,7 @@ def build_pretrain_rows(data: DataSection, tokenizer, seed: int) -> tuple[list[d
 
 def build_sft_rows(data: DataSection, tokenizer, seed: int) -> tuple[list[dict], dict]:
     """Chat records -> rows with loss on assistant tokens only; truncation counted."""
-    apply_template(tokenizer, data.chat_template)
+    data.install_template(tokenizer)
     dataset = load_mixture(data, CHAT_FIELDS, seed)
     if "messages" not in dataset.column_names and not {"prompt", "completion"} <= set(dataset.column_names):
         raise RecipeError(
@@ -419,32 +379,22 @@ class BatchStream:
                  pad_id: int = 0, shuffle: bool = True):
         if not rows:
             raise RecipeError("data: no training rows")
-        if batch_size % world_size:
-            raise RecipeError(f"train.batch_size: {batch_size} is not divisible by {world_size} ranks")
-        self.rows, self.batch_size, self.seed = rows, batch_size, seed
-        self.rank, self.world_size, self.pad_id, self.shuffle = rank, world_size, pad_id, shuffle
+        self.per_rank = split_evenly(batch_size, world_size,
+                                     f"train.batch_size: {batch_size} is not divisible by {world_size} ranks")
+        self.rows, self.batch_size, self.rank, self.pad_id = rows, batch_size, rank, pad_id
         self.consumed = 0
-        self._order_epoch, self._order = -1, None
+        self.order = EpochOrder(len(rows), seed, shuffle)
 
     @property
     def epoch(self) -> float:
         return self.consumed / len(self.rows)
 
-    def _index(self, position: int) -> int:
-        epoch, offset = divmod(position, len(self.rows))
-        if epoch != self._order_epoch:
-            rng = np.random.default_rng(self.seed + epoch)
-            self._order = rng.permutation(len(self.rows)) if self.shuffle else np.arange(len(self.rows))
-            self._order_epoch = epoch
-        return int(self._order[offset])
-
     def next_step(self, micro_batch_size: int) -> list[dict]:
         """This rank's micro batches for the next optimizer step."""
-        per_rank = self.batch_size // self.world_size
-        start = self.consumed + self.rank * per_rank
-        mine = [self.rows[self._index(p)] for p in range(start, start + per_rank)]
+        start = self.consumed + self.rank * self.per_rank
+        mine = [self.rows[self.order[p]] for p in range(start, start + self.per_rank)]
         self.consumed += self.batch_size
-        return [collate(mine[i : i + micro_batch_size], self.pad_id) for i in range(0, per_rank, micro_batch_size)]
+        return [collate(mine[i : i + micro_batch_size], self.pad_id) for i in range(0, self.per_rank, micro_batch_size)]
 
     def state_dict(self) -> dict:
         return {"consumed": self.consumed, "rows": len(self.rows)}

@@ -16,6 +16,7 @@ an interrupted one resumes from its last checkpoint.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from pathlib import Path
@@ -29,11 +30,12 @@ from r1pipe.config import (
     StageConfig,
     apply_override,
     get_stage,
-    load_recipe_data,
     parse_override,
     read_yaml,
     validate,
 )
+from r1pipe.rundir import RunDir
+from r1pipe.runner import load_recipe_data, run_stage
 
 REFERENCE = re.compile(r"\$\{([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]+)\}")
 
@@ -60,10 +62,15 @@ class PipelineConfig(Section):
 
 
 class PlannedStage:
-    """One validated step: its final config and the keys still waiting on earlier outputs."""
+    """One validated step: its final config and the keys still waiting on earlier outputs.
 
-    def __init__(self, step: PipelineStage, data: dict, lines: dict, source: str, refs: dict[tuple, str]):
+    `preview` is its config with those references left as their `${...}` text (what `r1pipe plan` sizes
+    before any step ran); None when a reference sits where only a resolved value validates."""
+
+    def __init__(self, step: PipelineStage, data: dict, lines: dict, source: str, refs: dict[tuple, str],
+                 preview: StageConfig | None):
         self.step, self.data, self.lines, self.source, self.refs = step, data, lines, source, refs
+        self.preview = preview
 
     def resolve(self, outputs: dict[str, dict]) -> StageConfig:
         data = _substitute(self.data, outputs)
@@ -119,8 +126,8 @@ def load_pipeline(path: str | Path, overrides=()) -> tuple[PipelineConfig, list[
         data["run"]["output_dir"] = str(pipeline.output_dir / pipeline.name)
         data["run"]["name"] = step.name
         config_cls, _ = get_stage(stage)
-        validate(config_cls, data, source, rlines, ignore=lambda loc, refs=refs: _under_reference(loc, refs))
-        planned.append(PlannedStage(step, data, rlines, source, refs))
+        preview = validate(config_cls, data, source, rlines, ignore=lambda loc, refs=refs: _under_reference(loc, refs))
+        planned.append(PlannedStage(step, data, rlines, source, refs, preview))
     return pipeline, planned
 
 
@@ -152,8 +159,6 @@ def _substitute(node, outputs: dict[str, dict]):
 
 def run_pipeline(path: str | Path, overrides=(), overwrite: bool = False, only: list[str] | None = None) -> dict:
     """Run (or resume) every step in order; returns each step's outputs."""
-    from r1pipe.cli import run_stage
-
     pipeline, planned = load_pipeline(path, overrides)
     if only:
         unknown = [n for n in only if n not in [p.step.name for p in planned]]
@@ -164,8 +169,6 @@ def run_pipeline(path: str | Path, overrides=(), overwrite: bool = False, only: 
     for item in planned:
         cfg = item.resolve(outputs)
         if only and item.step.name not in only:
-            from r1pipe.rundir import RunDir
-
             done = (cfg.run.path / "outputs.json").is_file()
             if not done:
                 raise RecipeError(f"step {item.step.name!r} has not run yet; it must run before {only[0]!r}")
@@ -174,7 +177,5 @@ def run_pipeline(path: str | Path, overrides=(), overwrite: bool = False, only: 
         outputs[item.step.name] = run_stage(cfg, overwrite=overwrite)
     summary = pipeline.output_dir / pipeline.name / "pipeline.json"
     summary.parent.mkdir(parents=True, exist_ok=True)
-    import json
-
     summary.write_text(json.dumps({"seconds": round(time.time() - started, 1), "outputs": outputs}, indent=2, default=str))
     return outputs

@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node 2 tests/multirank_worker.py OUT_DIR SCENARIO [SCENARIO ...]
 
-Each scenario runs a real stage (r1pipe.cli.run_stage) on a tiny model and writes what the test
+Each scenario runs a real stage (r1pipe.runner.run_stage) on a tiny model and writes what the test
 compares to OUT_DIR/<scenario>/world<W>-rank<r>.pt: the full gradients of the first optimizer steps (gathered
 from DeepSpeed's partitions with `deepspeed.utils.safe_get_full_grad`, before the optimizer step),
 the logged metrics, the rollout engine's calls and the prompt sampler's position. GRPO rollouts come
@@ -37,6 +37,8 @@ class ScriptedEngine:
     Prompts whose ids sum to a multiple of 3 get G identical completions (a group without signal, for
     dynamic sampling). Records every generate call, so the test can check the ranks made the same ones.
     """
+
+    last_acceptance_rate = None
 
     def __init__(self, vocab_size: int):
         self.vocab_size, self.calls = vocab_size, []
@@ -83,8 +85,8 @@ REAL_ENGINE: list[bool] = []  # non-empty: the scenario samples with r1pipe's na
 def install_hooks(record_grads: dict) -> None:
     """Scripted engine, gradient capture, sampler positions and the reference's size, patched into r1pipe."""
     import r1pipe.rollout
-    from r1pipe import train
     from r1pipe.stages import grpo as stage
+    from r1pipe.train import trainer as train
 
     real_engine = r1pipe.rollout.build_engine
 
@@ -249,8 +251,7 @@ def tensor_parallel_engine() -> dict:
 
 def run_killed(recipe: Path, at_update: int) -> None:
     """Run the recipe until its `at_update`-th update starts, then raise KeyboardInterrupt on every rank."""
-    from r1pipe.cli import run_stage
-    from r1pipe.config import load_recipe
+    from r1pipe.runner import load_recipe, run_stage
     from r1pipe.stages import grpo as stage
 
     update, calls = stage.GrpoRun.update, {"n": 0}
@@ -272,8 +273,7 @@ def run_killed(recipe: Path, at_update: int) -> None:
 
 
 def run(out: Path, names: list[str]) -> None:
-    from r1pipe.cli import run_stage
-    from r1pipe.config import load_recipe
+    from r1pipe.runner import load_recipe, run_stage
 
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     grads: dict = {}

@@ -29,7 +29,7 @@ def tiny_v3(directory: Path) -> None:
 
 
 def trainer_logprobs(policy, prompts, completions) -> tuple[torch.Tensor, torch.Tensor]:
-    from r1pipe.stages.grpo import pack_sequences, sequence_logprobs
+    from r1pipe.rollout.batch import pack_sequences, sequence_logprobs
 
     batch = pack_sequences([prompts[c.prompt_index] for c in completions], completions, pad_id=0)
     with torch.no_grad():
@@ -41,7 +41,7 @@ def check(kind: str, directory: Path) -> dict:
     from r1pipe.model.policy import load_policy
     from r1pipe.rollout import SamplingSettings
     from r1pipe.rollout.vllm_engine import VLLMColocatedEngine
-    from r1pipe.stages.grpo import engine_weights
+    from r1pipe.rollout.weights import engine_weights
 
     torch.manual_seed(0)
     (tiny_qwen2 if kind == "qwen2" else tiny_v3)(directory)

@@ -18,9 +18,10 @@ import pytest
 from pydantic import Field, model_validator
 
 from r1pipe import cli, config
-from r1pipe.config import ExistingPath, RecipeError, Section, StageConfig, load_recipe
+from r1pipe.config import ExistingPath, RecipeError, Section, StageConfig
 from r1pipe.model.atomic import atomic_write_dir
 from r1pipe.rundir import RunDir
+from r1pipe.runner import load_recipe
 
 
 class ToyModel(Section):

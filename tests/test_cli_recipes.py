@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from r1pipe import cli
-from r1pipe.config import STAGE_NAMES, _section_class, get_stage, load_recipe
+from r1pipe.config import _section_class, get_stage
+from r1pipe.runner import load_recipe, stage_names
 from r1pipe.pipeline import is_pipeline, load_pipeline
 from r1pipe.plan import print_plan
 
@@ -31,12 +32,12 @@ def test_recipe_parses_and_plans(recipe, monkeypatch, capsys):
         assert steps
     else:
         cfg = load_recipe(recipe)
-        assert cfg.stage in STAGE_NAMES
+        assert cfg.stage in stage_names()
     rows = print_plan(str(recipe))
     assert rows and "r1pipe plan" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("stage", STAGE_NAMES)
+@pytest.mark.parametrize("stage", stage_names())
 def test_stage_help_lists_every_option(stage, capsys):
     config_cls, _ = get_stage(stage)
     with pytest.raises(SystemExit) as info:
@@ -52,7 +53,7 @@ def test_stage_help_lists_every_option(stage, capsys):
 
 def test_top_level_help_and_tools():
     out = subprocess.run([sys.executable, "-m", "r1pipe", "--help"], capture_output=True, text=True, check=True).stdout
-    for command in (*STAGE_NAMES, "run", "plan", "rewards"):
+    for command in (*stage_names(), "run", "plan", "rewards"):
         assert command in out
     for tool in ("run", "plan", "rewards"):
         assert subprocess.run([sys.executable, "-m", "r1pipe", tool, "--help"], capture_output=True).returncode == 0

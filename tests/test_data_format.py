@@ -9,6 +9,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from r1pipe.config import RecipeError
+from r1pipe.chat import r1_response, render_prompt, to_messages
 from r1pipe.data import (
     BatchStream,
     DataSection,
@@ -18,9 +19,6 @@ from r1pipe.data import (
     collate,
     load_mixture,
     pack,
-    r1_response,
-    render_prompt,
-    to_messages,
     tokenize_chat,
 )
 from r1pipe.demo.tokenizer import build_tokenizer

@@ -4,7 +4,8 @@ from math import comb
 
 import pytest
 
-from r1pipe.config import RecipeError, load_recipe
+from r1pipe.config import RecipeError
+from r1pipe.runner import load_recipe
 from r1pipe.evaluation import (
     BenchmarkSpec,
     Verdict,

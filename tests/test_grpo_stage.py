@@ -6,8 +6,8 @@ import pytest
 import torch
 import yaml
 
-from r1pipe.cli import run_stage
-from r1pipe.config import RecipeError, load_recipe
+from r1pipe.config import RecipeError
+from r1pipe.runner import load_recipe, run_stage
 from r1pipe.rewards import reward
 
 REPO = Path(__file__).resolve().parents[1]

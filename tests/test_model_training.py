@@ -133,7 +133,8 @@ def test_compiled_moe_layers_match_eager():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_trainer_compiles_v3_moe_on_cuda_and_tracks_eager():
     """The trainer's default on CUDA (model.compile_moe) trains like the eager layers."""
-    from r1pipe.train import ModelSection, Trainer, TrainSection
+    from r1pipe.train.sections import ModelSection, TrainSection
+    from r1pipe.train.trainer import Trainer
 
     ids = torch.randint(0, 512, (8, 64), generator=torch.Generator().manual_seed(0)).cuda()
     batch = {"input_ids": ids, "labels": ids}

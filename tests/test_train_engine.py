@@ -14,21 +14,16 @@ import torch.nn.functional as F
 import yaml
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from r1pipe.config import RecipeError, load_recipe
-from r1pipe import train as train_module
+from r1pipe.config import RecipeError
+from r1pipe.train import trainer as train_module
 from r1pipe.data import BatchStream, DataSection, SourceSection, build_pretrain_rows, build_sft_rows, collate
 from r1pipe.kernels import FP8Linear, weight_quant
 from r1pipe.demo.tokenizer import build_tokenizer
 from r1pipe.rundir import RunDir, seed_everything
-from r1pipe.train import (
-    ModelSection,
-    TrainSection,
-    Trainer,
-    build_optimizer,
-    build_scheduler,
-    deepspeed_config,
-    lm_loss,
-)
+from r1pipe.runner import load_recipe
+from r1pipe.train.optim import build_optimizer, build_scheduler, deepspeed_config
+from r1pipe.train.sections import ModelSection, TrainSection, training_workload
+from r1pipe.train.trainer import Trainer, lm_loss
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_PRETRAIN = REPO / "recipes" / "demo" / "data" / "pretrain.jsonl"
@@ -62,7 +57,7 @@ def write_recipe(tmp_path, name, body) -> Path:
 
 
 def run_stage(recipe: Path, *overrides):
-    from r1pipe.cli import run_stage as cli_run_stage
+    from r1pipe.runner import run_stage as cli_run_stage
 
     return cli_run_stage(load_recipe(recipe, list(overrides)))
 
@@ -290,13 +285,11 @@ def test_fp8_precision_with_lora_keeps_adapters_high_precision(tiny_qwen, shared
 
 
 def test_plan_counts_the_fp8_weight_copies(tiny_qwen):
-    from types import SimpleNamespace
-
     from r1pipe.plan import memory_per_device, plan_model
 
     plan = plan_model(str(tiny_qwen))
     assert plan.fp8_linear == 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128)  # q, o; k, v; gate, up, down
-    cfg = SimpleNamespace(train=TrainSection(max_steps=1, precision="fp8"), model=ModelSection(path=str(tiny_qwen)))
+    cfg = training_workload(ModelSection(path=str(tiny_qwen)), TrainSection(max_steps=1, precision="fp8"), None)
     assert memory_per_device(plan, cfg, 1)["FP8 weight copies (W and W^T, 1 byte each)"] == 2 * plan.fp8_linear
 
 

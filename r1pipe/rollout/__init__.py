@@ -52,6 +52,11 @@ class RolloutSection(Section):
         False, description="native, V3 policies: draft with the MTP module and verify (speculative decoding)."
     )
 
+    @property
+    def devices(self) -> int:
+        """Devices a run with this engine needs at least: a colocated vLLM's tensor-parallel shards, else 1."""
+        return self.tensor_parallel_size if self.engine == "vllm" else 1
+
     @model_validator(mode="after")
     def _server_needs_url(self):
         if self.engine == "vllm_server" and not self.server_url:

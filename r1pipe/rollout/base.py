@@ -42,12 +42,16 @@ class Completion:
 
 class RolloutEngine(Protocol):
     """generate -> completions prompt-major (the n of prompt 0, then prompt 1, ...); push_weights after
-    each round of updates (it also wakes a sleeping engine); sleep frees accelerator memory for
-    training where the engine supports it and is a no-op elsewhere."""
+    each round of updates (it also wakes a sleeping engine) and returns the seconds it took; sleep frees
+    accelerator memory for training where the engine supports it and is a no-op elsewhere.
+    ``last_acceptance_rate``: the share of drafted tokens the last generate accepted (MTP speculative
+    decoding), None for an engine that does not draft."""
+
+    last_acceptance_rate: float | None
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingSettings, seed: int) -> list[Completion]: ...
 
-    def push_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None: ...
+    def push_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> float: ...
 
     def sleep(self) -> None: ...
 

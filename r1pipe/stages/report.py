@@ -181,7 +181,8 @@ def compare(table, metric: str, pairs: list[Comparison]) -> list[dict]:
     return rows
 
 
-@register_stage("report", ReportConfig)
+@register_stage("report", ReportConfig,
+                summary="collect a pipeline's evaluations into a markdown report with plots")
 def run(cfg: ReportConfig, run_dir) -> dict:
     section = cfg.report
     labels = [m.label for m in section.models]
