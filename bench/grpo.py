@@ -53,8 +53,7 @@ def means(steps: list[dict]) -> dict:
 def run_r1pipe(args) -> dict:
     import yaml
 
-    from r1pipe.cli import run_stage
-    from r1pipe.config import load_recipe
+    from r1pipe.runner import load_recipe, run_stage
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

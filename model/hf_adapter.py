@@ -51,7 +51,7 @@ class CheckpointError(ValueError):
 
 def add_vllm_defaults(hf_config: dict) -> dict:
     """`hf_config` with the V3 routing keys vLLM's DeepSeek loader needs and transformers >= 5 no longer
-    writes (BRIEF.md 6); other model types are returned unchanged."""
+    writes (the routing fields of DeepSeek-V3's released config.json); other model types are returned unchanged."""
     if hf_config.get("model_type") == "deepseek_v3":
         for key, value in VLLM_V3_DEFAULTS.items():
             hf_config.setdefault(key, value)

@@ -1,4 +1,4 @@
-"""The built-in rewards on small cases with known values (formulas from BRIEF section 4)."""
+"""The built-in rewards on small cases with known values (formulas in docs/REWARDS.md, "Built-in rewards")."""
 import gzip
 import json
 import math
