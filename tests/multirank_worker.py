@@ -213,6 +213,9 @@ def scenarios(out: Path, world: int) -> dict:
     for name in ("grpo-mu2-whole", "grpo-mu2-killed"):
         table[name] = grpo_recipe(out, name, qwen, ds(ZERO2), **resume)
         table[name]["train"].update(max_steps=4, save_every=1)
+    for name in ("sft-zero3-whole", "sft-zero3-killed"):  # ZeRO-3 checkpoints: sharded states, per-rank data
+        table[name] = sft_recipe(out, name, qwen, ds(ZERO3))
+        table[name]["train"].update(max_steps=4, save_every=1)
     return table
 
 
@@ -249,27 +252,27 @@ def tensor_parallel_engine() -> dict:
             "completions": [(c.prompt_index, c.token_ids, c.logprobs) for c in completions]}
 
 
-def run_killed(recipe: Path, at_update: int) -> None:
-    """Run the recipe until its `at_update`-th update starts, then raise KeyboardInterrupt on every rank."""
+def run_killed(recipe: Path, owner, method: str, at_call: int) -> None:
+    """Run the recipe until `owner.method` is called for the `at_call`-th time, then raise KeyboardInterrupt
+    there on every rank."""
     from r1pipe.runner import load_recipe, run_stage
-    from r1pipe.stages import grpo as stage
 
-    update, calls = stage.GrpoRun.update, {"n": 0}
+    original, calls = getattr(owner, method), {"n": 0}
 
-    def dies(self):
+    def dies(self, *args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == at_update:
+        if calls["n"] == at_call:
             raise KeyboardInterrupt
-        return update(self)
+        return original(self, *args, **kwargs)
 
-    stage.GrpoRun.update = dies
+    setattr(owner, method, dies)
     try:
         run_stage(load_recipe(recipe))
         raise AssertionError("the killed run was not killed")
     except KeyboardInterrupt:
         pass
     finally:
-        stage.GrpoRun.update = update
+        setattr(owner, method, original)
 
 
 def run(out: Path, names: list[str]) -> None:
@@ -295,8 +298,14 @@ def run(out: Path, names: list[str]) -> None:
         body["run"]["name"] = f"{name}-{world}"
         recipe.write_text(yaml.safe_dump(body))
         if name == "grpo-mu2-killed":
-            run_killed(recipe, at_update=4)  # checkpoint 3 holds the second rollout batch, half used
+            from r1pipe.stages.grpo import GrpoRun
+
+            run_killed(recipe, GrpoRun, "update", at_call=4)  # checkpoint 3 holds the second rollout batch, half used
             ENGINES.clear()
+        if name == "sft-zero3-killed":
+            from r1pipe.train.trainer import Trainer
+
+            run_killed(recipe, Trainer, "train_step", at_call=3)  # resumes from the checkpoint of step 2
         run_stage(load_recipe(recipe))
         run_dir = out / "runs" / f"{name}-{world}"
         metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()] if rank == 0 else []

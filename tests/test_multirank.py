@@ -21,7 +21,8 @@ WORKER = Path(__file__).with_name("multirank_worker.py")
 SAME_GRADIENTS = ["grpo-grpo", "grpo-bnpo", "grpo-dapo", "grpo-dr_grpo", "grpo-batch-std-kl", "grpo-zero3",
                   "grpo-zero3-kl", "grpo-v3", "sft-qwen", "sft-v3-zero3", "grpo-mu2-whole", "grpo-minibatch-rpp",
                   "grpo-gspo-zero3"]
-SCENARIOS = SAME_GRADIENTS + ["grpo-dynamic", "grpo-mu2-killed", "grpo-zero3-native-v3"]
+SCENARIOS = SAME_GRADIENTS + ["grpo-dynamic", "grpo-mu2-killed", "grpo-zero3-native-v3", "sft-zero3-whole",
+                               "sft-zero3-killed"]
 TWO_RANKS_ONLY = ["vllm-tensor-parallel"]  # needs vllm importable (the engine's sampling parameters)
 VLLM = importlib.util.find_spec("vllm") is not None
 TOLERANCE = {1: 1e-5, 2: 1e-4}  # relative Frobenius error of the full gradient, by optimizer step
@@ -107,6 +108,25 @@ def test_resume_in_the_middle_of_a_rollout_batch(runs):
     for a, b in zip(steady(whole["metrics"]), steady(killed["metrics"]), strict=True):
         assert b.keys() == a.keys() and b == pytest.approx(a, rel=1e-5, abs=1e-8)
     assert killed["calls"] == [[]]  # the resumed run generated nothing: step 4 used the restored batch
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_sft_resumes_after_a_kill_as_if_never_stopped(runs, world):
+    """SFT (ZeRO-3 on 2 ranks), killed at its 3rd step and rerun: it resumes from the checkpoint of step 2
+    (sharded model and optimizer states, each rank's data position) and ends as the uninterrupted run."""
+    whole, killed = result(runs, "sft-zero3-whole", world), result(runs, "sft-zero3-killed", world)
+    keys = ("loss", "grad_norm", "lr")
+
+    def steady(metrics):
+        return [{k: m[k] for k in keys if k in m} for m in metrics if "loss" in m and m.get("step", 0) > 0]
+
+    assert len(steady(whole["metrics"])) == 4
+    for a, b in zip(steady(whole["metrics"]), steady(killed["metrics"]), strict=True):
+        assert b.keys() == a.keys() and b == pytest.approx(a, rel=1e-5, abs=1e-8)
+    # and the 2-rank curves are the 1-rank ones (same global batch)
+    one_rank = steady(result(runs, "sft-zero3-whole", 1)["metrics"])
+    for a, b in zip(one_rank, steady(whole["metrics"]), strict=True):
+        assert b == pytest.approx(a, rel=1e-5)
 
 
 def test_tensor_parallel_vllm_gets_the_groups_prompts_and_one_seed(runs):
