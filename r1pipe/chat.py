@@ -17,8 +17,7 @@ from typing import Annotated
 from pydantic import Field
 
 from r1pipe.config import RecipeError
-
-THINK_START, THINK_END = "<think>", "</think>"
+from r1pipe.rewards.think import THINK_END, THINK_START  # one home: the rewards parse the same tags
 
 ChatTemplate = Annotated[str | None, Field(
     description="Jinja chat template (inline or a .jinja file); default: the tokenizer's.")]

@@ -20,9 +20,11 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from r1pipe.rewards.think import THINK_END, THINK_START
+
 PAD, UNK, EOS = "<|pad|>", "<|unk|>", "<|end|>"
 SYSTEM, USER, ASSISTANT = "<|system|>", "<|user|>", "<|assistant|>"
-THINK_START, THINK_END, BOXED = "<think>", "</think>", "\\boxed{"
+BOXED = "\\boxed{"
 SPECIAL_TOKENS = (PAD, UNK, EOS, SYSTEM, USER, ASSISTANT)
 SIGNED_DIGITS = tuple(f"{sign}{digit}" for sign in "+-" for digit in range(1, 10))
 WORD_TOKENS = (THINK_START, THINK_END, BOXED, *SIGNED_DIGITS)
