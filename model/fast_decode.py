@@ -215,8 +215,10 @@ class DeviceEmitter:
         self.stops = torch.tensor(sorted(stops), dtype=torch.long, device=device)
         self.max_new_tokens = max_new_tokens
 
-    def emit(self, rows: torch.Tensor, token: torch.Tensor, logprob: torch.Tensor) -> None:
-        live = ~self.finished[rows]
+    def emit(self, rows: torch.Tensor, token: torch.Tensor, logprob: torch.Tensor,
+             mask: torch.Tensor | None = None) -> None:
+        """Append `token`/`logprob` [n] to `rows` [n] that are not finished (and where `mask` holds)."""
+        live = ~self.finished[rows] if mask is None else ~self.finished[rows] & mask
         column = torch.where(live, self.count[rows], self.max_new_tokens)
         self.tokens[rows, column] = token
         self.logprobs[rows, column] = logprob
@@ -224,6 +226,10 @@ class DeviceEmitter:
         self.count[rows] = count
         stop = torch.isin(token, self.stops) | (count >= self.max_new_tokens)
         self.finished[rows] = self.finished[rows] | (live & stop)
+
+    def done(self, step: int, every: int = 16) -> bool:
+        """Every `every` steps, whether all rows have finished (the one host sync of a decode loop)."""
+        return step % every == every - 1 and bool(self.finished.all())
 
     def results(self) -> tuple[list[list[int]], list[list[float]], list[bool]]:
         counts = self.count.tolist()
@@ -270,4 +276,4 @@ def generate_static(model, ids: torch.Tensor, valid: torch.Tensor, max_new_token
     return tokens, logprobs, truncated, decoder.nbytes()
 
 
-__all__ = ["DecodeWorkspace", "StaticDecoder", "generate_static", "supports"]
+__all__ = ["DecodeWorkspace", "DeviceEmitter", "StaticDecoder", "generate_static", "supports"]

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from r1pipe.model import fast_decode
-from r1pipe.model.fast_decode import DecodeWorkspace
+from r1pipe.model.fast_decode import DecodeWorkspace, DeviceEmitter
 from r1pipe.model.layers import LatentCache
 from r1pipe.model.modeling import DeepseekForCausalLM
 
@@ -152,14 +152,15 @@ class Decoder:
     def logits(self, out: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(out) if self.ours else out
 
-    def invalidate_last(self, rows: torch.Tensor) -> None:
-        """Mark the newest slot of `rows` invalid (a rejected draft): in the cache, and in the routes."""
+    def invalidate_last(self, keep: torch.Tensor) -> None:
+        """Mark the newest slot of the rows where `keep` [B] is False invalid (a rejected draft): in the cache,
+        and in the routes. A mask, not row indices, so the host never waits for the verdicts."""
         if self.route_log:
-            self.route_log[-1][2][rows, -1] = False
+            self.route_log[-1][2][:, -1] &= keep
         if self.use_cache:
-            self.cache.valid[rows, self.cache.length - 1] = False
+            self.cache.valid[:, self.cache.length - 1] &= keep
         else:
-            self.history[1][rows, -1] = False
+            self.history[1][:, -1] &= keep
 
 
 @torch.no_grad()
@@ -199,58 +200,38 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
         model.train(was_training)
         return GenerationResult(tokens, logprobs, truncated, None, cache_bytes)
     decoder = Decoder(model, batch, max_len, use_cache, record_routes)
-    state = _Emitter(batch, max_new_tokens, stops)
+    emitter = DeviceEmitter(batch, max_new_tokens, stops, device)
+    rows = torch.arange(batch, device=device)
     out = decoder.forward(ids, valid, positions)
     next_pos = positions[:, -1] + 1
     logits = decoder.logits(out[:, -1])
     token = sampler.sample(sampler.probs(logits))
-    state.emit(token, token_logprob(logits, token, temperature), torch.ones_like(token, dtype=torch.bool))
+    emitter.emit(rows, token, sampler.logprob(logits, token))
     if use_mtp:
-        acceptance = _speculative_loop(model, decoder, sampler, state, ids, valid, positions, out, token, next_pos,
-                                       max_len, temperature)
+        acceptance = _speculative_loop(model, decoder, sampler, emitter, ids, valid, positions, out, token, next_pos,
+                                       max_len, max_new_tokens)
     else:
         acceptance = None
-        while not state.done():
+        for step in range(max_new_tokens - 1):  # every row has max_new_tokens after these, or stopped
+            if emitter.done(step):
+                break
             out = decoder.forward(token[:, None], torch.ones_like(valid[:, :1]), next_pos[:, None])
             next_pos = next_pos + 1
             logits = decoder.logits(out[:, -1])
             token = sampler.sample(sampler.probs(logits))
-            state.emit(token, token_logprob(logits, token, temperature), torch.ones_like(token, dtype=torch.bool))
+            emitter.emit(rows, token, sampler.logprob(logits, token))
     model.train(was_training)
     cache_bytes = decoder.cache.nbytes() if isinstance(decoder.cache, LatentCache) else None
-    routes = (decoder.routes([len(p) + len(t) for p, t in zip(prompts, state.tokens, strict=True)])
+    tokens, logprobs, truncated = emitter.results()
+    routes = (decoder.routes([len(p) + len(t) for p, t in zip(prompts, tokens, strict=True)])
               if record_routes else None)
-    return GenerationResult(state.tokens, state.logprobs, state.truncated(), acceptance, cache_bytes, routes)
+    return GenerationResult(tokens, logprobs, truncated, acceptance, cache_bytes, routes)
 
 
-class _Emitter:
-    """Collects emitted tokens per row until a stop token or max_new_tokens."""
-
-    def __init__(self, batch: int, max_new_tokens: int, stops: set[int]):
-        self.tokens: list[list[int]] = [[] for _ in range(batch)]
-        self.logprobs: list[list[float]] = [[] for _ in range(batch)]
-        self.finished = [False] * batch
-        self.max_new_tokens, self.stops = max_new_tokens, stops
-
-    def emit(self, tokens: torch.Tensor, logprobs: torch.Tensor, mask: torch.Tensor) -> None:
-        for row, (tok, lp, ok) in enumerate(zip(tokens.tolist(), logprobs.tolist(), mask.tolist(), strict=True)):
-            if not ok or self.finished[row]:
-                continue
-            self.tokens[row].append(tok)
-            self.logprobs[row].append(lp)
-            if tok in self.stops or len(self.tokens[row]) >= self.max_new_tokens:
-                self.finished[row] = True
-
-    def done(self) -> bool:
-        return all(self.finished)
-
-    def truncated(self) -> list[bool]:
-        return [not (t and t[-1] in self.stops) for t in self.tokens]
-
-
-def _speculative_loop(model: DeepseekForCausalLM, decoder: Decoder, sampler: Sampler, state: _Emitter,
-                      ids, valid, positions, hidden, token, next_pos, max_len, temperature) -> float:
-    """MTP draft + main-model verify, two cache slots per step; a rejected draft's slot becomes invalid."""
+def _speculative_loop(model: DeepseekForCausalLM, decoder: Decoder, sampler: Sampler, emitter: DeviceEmitter,
+                      ids, valid, positions, hidden, token, next_pos, max_len, max_new_tokens) -> float:
+    """MTP draft + main-model verify, two cache slots per step; a rejected draft's slot becomes invalid.
+    Each step emits one or two tokens per row, so max_new_tokens - 1 steps always suffice."""
     mtp_layer = model.mtp_layers[0]
     mtp_cache = LatentCache(model.config, ids.shape[0], max_len, 1, hidden.dtype, hidden.device,
                             first_layer=model.config.num_hidden_layers) if decoder.use_cache else None
@@ -273,8 +254,10 @@ def _speculative_loop(model: DeepseekForCausalLM, decoder: Decoder, sampler: Sam
     # prefill the MTP block over the prompt: position i combines h_i with token i+1
     following = torch.cat([ids[:, 1:], token[:, None]], 1)
     draft, q = draft_from(mtp(hidden, following, valid, positions)[:, -1])
-    proposed = accepted_total = 0
-    while not state.done():
+    proposed = accepted_total = torch.zeros((), dtype=torch.long, device=ids.device)
+    for step in range(max_new_tokens - 1):
+        if emitter.done(step):
+            break
         step_ids = torch.stack([token, draft], 1)
         step_pos = torch.stack([next_pos, next_pos + 1], 1)
         out = decoder.forward(step_ids, torch.ones_like(step_ids, dtype=torch.bool), step_pos)
@@ -282,12 +265,12 @@ def _speculative_loop(model: DeepseekForCausalLM, decoder: Decoder, sampler: Sam
         p_first = sampler.probs(logits[:, 0])
         accepted, first = sampler.verify(draft, p_first, q)
         second = sampler.sample(sampler.probs(logits[:, 1]))
-        active = torch.tensor([not f for f in state.finished], device=ids.device)
-        proposed += int(active.sum())
-        accepted_total += int((accepted & active).sum())
-        state.emit(first, token_logprob(logits[:, 0], first, temperature), torch.ones_like(accepted))
-        state.emit(second, token_logprob(logits[:, 1], second, temperature), accepted)
-        decoder.invalidate_last(rows[~accepted])
+        active = ~emitter.finished
+        proposed = proposed + active.sum()
+        accepted_total = accepted_total + (accepted & active).sum()
+        emitter.emit(rows, first, sampler.logprob(logits[:, 0], first))
+        emitter.emit(rows, second, sampler.logprob(logits[:, 1], second), mask=accepted)
+        decoder.invalidate_last(accepted)
         # MTP over the two new slots: (h_a, token after a), (h_b, token after b) -- slot b only if accepted
         mtp_hidden = mtp(out, torch.stack([first, second], 1), torch.stack([torch.ones_like(accepted), accepted], 1),
                          step_pos)
@@ -295,7 +278,7 @@ def _speculative_loop(model: DeepseekForCausalLM, decoder: Decoder, sampler: Sam
         draft, q = draft_from(mtp_hidden[rows, last])
         token = torch.where(accepted, second, first)
         next_pos = next_pos + 1 + accepted.long()
-    return accepted_total / max(proposed, 1)
+    return int(accepted_total) / max(int(proposed), 1)
 
 
 def _mtp_block(model: DeepseekForCausalLM, layer, previous_hidden, next_tokens, new_valid, positions, cache):
