@@ -27,21 +27,19 @@ except ImportError:  # not pip-installed (e.g. on the GPU machine): map r1pipe.m
 
     r1pipe.__path__.append(str(ROOT))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from models import v3_lite_config  # noqa: E402
+
 from r1pipe.model import DeepseekForCausalLM  # noqa: E402
 from r1pipe.model.layers import LatentCache  # noqa: E402
 
 
 def hf_model(layers: int, max_positions: int):
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+    from transformers import DeepseekV3ForCausalLM
 
-    config = DeepseekV3Config(
-        vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
-        num_hidden_layers=layers, num_attention_heads=16, num_key_value_heads=16, n_shared_experts=2,
-        n_routed_experts=64, num_experts_per_tok=6, n_group=1, topk_group=1, first_k_dense_replace=1,
-        q_lora_rank=1536, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
-        max_position_embeddings=max_positions, num_nextn_predict_layers=0,
-        rope_parameters={"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
-                         "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0, "rope_theta": 10000.0})
+    config = v3_lite_config(layers, max_positions, rope_parameters={
+        "rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096, "beta_fast": 32,
+        "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0, "rope_theta": 10000.0})
     config._attn_implementation = "sdpa"
     config._experts_implementation = "grouped_mm"
     return DeepseekV3ForCausalLM(config)

@@ -52,18 +52,25 @@ def prepare_model(kind: str, root: Path) -> Path:
     return directory
 
 
-def v3_lite(layers: int, max_positions: int = 4096):
-    """DeepSeek-V3 attention and routing at DeepSeek-V2-Lite width, random weights (std 0.02), bf16."""
-    import torch
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+def v3_lite_config(layers: int, max_positions: int = 4096, **overrides):
+    """DeepSeek-V3 attention and routing at DeepSeek-V2-Lite width (hidden 2048, 16 heads, q_lora 1536,
+    kv_lora 512 + rope 64, 64 experts top-6, 2 shared), `layers` layers, no MTP."""
+    from transformers import DeepseekV3Config
 
-    config = DeepseekV3Config(
-        vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
-        num_hidden_layers=layers, num_attention_heads=16, num_key_value_heads=16, n_shared_experts=2,
-        n_routed_experts=64, num_experts_per_tok=6, n_group=1, topk_group=1, first_k_dense_replace=1,
-        q_lora_rank=1536, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
-        max_position_embeddings=max_positions, num_nextn_predict_layers=0, tie_word_embeddings=False,
-        bos_token_id=1, eos_token_id=2)
+    return DeepseekV3Config(**{
+        "vocab_size": 102400, "hidden_size": 2048, "intermediate_size": 10944, "moe_intermediate_size": 1408,
+        "num_hidden_layers": layers, "num_attention_heads": 16, "num_key_value_heads": 16, "n_shared_experts": 2,
+        "n_routed_experts": 64, "num_experts_per_tok": 6, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1,
+        "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_rope_head_dim": 64, "qk_nope_head_dim": 128,
+        "v_head_dim": 128, "max_position_embeddings": max_positions, "num_nextn_predict_layers": 0, **overrides})
+
+
+def v3_lite(layers: int, max_positions: int = 4096):
+    """A random V3-Lite-width transformers model (std 0.02, norms 1), bf16."""
+    import torch
+    from transformers import DeepseekV3ForCausalLM
+
+    config = v3_lite_config(layers, max_positions, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
     model = DeepseekV3ForCausalLM(config)
     with torch.no_grad():
         for p in model.parameters():

@@ -1,8 +1,9 @@
 """Rollouts with our own KV-cache decoding (``r1pipe.model.generate``) on the trainer's live weights.
 
-No second copy of the model and no weight push: generation reads the policy being trained. Slower
-than vLLM, but it needs nothing beyond torch, and for V3 policies it can draft with the MTP module
-(speculative decoding). A recipe selects it explicitly with ``rollout.engine: native``.
+No second copy of the model and no weight push: generation reads the policy being trained. It needs
+nothing beyond torch; HF Llama/Qwen policies decode through ``r1pipe.model.fast_decode`` (static KV
+cache, CUDA graphs), and V3 policies can draft with the MTP module (speculative decoding). A recipe
+selects it explicitly with ``rollout.engine: native``.
 """
 from __future__ import annotations
 
@@ -59,10 +60,10 @@ class NativeEngine:
 
     def _autocast(self):
         param = next(self.policy.model.parameters())
-        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(self.dtype)
-        if param.device.type != "cuda" or dtype is None or param.dtype.itemsize <= dtype.itemsize:
+        if param.device.type != "cuda" or self.dtype not in ("bfloat16", "float16"):
             return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=dtype)
+        dtype = getattr(torch, self.dtype)
+        return torch.autocast("cuda", dtype=dtype) if param.dtype.itemsize > dtype.itemsize else contextlib.nullcontext()
 
     def _whole_weights(self):
         """Under DeepSpeed ZeRO-3 each rank holds a shard of every weight, gathered per module in a forward.
