@@ -172,7 +172,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
 
     HF Llama/Qwen2/Qwen3 models take the fast path of `r1pipe.model.fast_decode` (static cache, CUDA
     graphs, compaction; `workspace` keeps its cache between calls) unless `static_cache=False`, which
-    keeps the plain `DynamicCache` loop (the reference the fast path is tested against).
+    keeps the plain `DynamicCache` loop (bench/native_decode.py compares the two).
     temperature 0 is greedy. `use_mtp` drafts with the first MTP module (our model only). `use_cache=False`
     recomputes the full sequence each step (slow; the reference the cached path is tested against).
     `record_routes` (our model): also return the experts each token was routed to (R3 routing replay)."""
