@@ -83,26 +83,30 @@ def bench_model(kind: str, args) -> list[dict]:
         row["vs_transformers"] = row["tokens_per_s"] / rows[0]["tokens_per_s"]
     workspace.release()
     if not deepseek:
-        rows += greedy_agreement(kind, directory, batch[: args.greedy_prompts], tokenizer, args.greedy_new)
+        load = lambda dtype: AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).cuda().eval()
+        rows += greedy_agreement(kind, load, {}, "fast", batch[: args.greedy_prompts], tokenizer, args.greedy_new)
+    elif getattr(ours.config, "num_nextn_predict_layers", 0):
+        load = lambda dtype: load_policy(directory, dtype=dtype, device="cuda").model.eval()
+        rows += greedy_agreement(kind, load, {"use_mtp": True}, "MTP speculative", batch[: args.greedy_prompts],
+                                 tokenizer, args.greedy_new)
     return rows
 
 
-def greedy_agreement(kind, directory, batch, tokenizer, max_new) -> list[dict]:
-    """Greedy fast path vs plain path, with the prompts' own stop token; fp32 (TF32 off) and bf16."""
-    from transformers import AutoModelForCausalLM
-
+def greedy_agreement(kind, load, variant: dict, label: str, batch, tokenizer, max_new) -> list[dict]:
+    """Greedy output of `variant` (the fast path: {}; MTP speculation: {"use_mtp": True}) vs the plain loop,
+    with the prompts' own stop token; fp32 (TF32 off) and bf16. `load(dtype)` gives the model."""
     from r1pipe.model.generate import generate
 
     rows = []
     torch.backends.cuda.matmul.allow_tf32 = False
     for dtype in (torch.float32, torch.bfloat16):
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).cuda().eval()
+        model = load(dtype)
         kwargs = dict(max_new_tokens=max_new, temperature=0.0, eos_token_id=tokenizer.eos_token_id,
                       pad_token_id=tokenizer.pad_token_id or 0)
-        fast = generate(model, batch, **kwargs).token_ids
+        tested = generate(model, batch, **variant, **kwargs).token_ids
         plain = generate(model, batch, static_cache=False, **kwargs).token_ids
-        same = sum(a == b for a, b in zip(fast, plain, strict=True))
-        rows.append({"model": kind, "side": f"greedy fast == plain ({str(dtype)[6:]})", "identical": same,
+        same = sum(a == b for a, b in zip(tested, plain, strict=True))
+        rows.append({"model": kind, "side": f"greedy {label} == plain ({str(dtype)[6:]})", "identical": same,
                      "of": len(batch)})
         del model
     return rows
