@@ -16,9 +16,10 @@ from r1pipe.model.layers import build_attention_mask, upcast
 from r1pipe.model.modeling import DeepseekForCausalLM
 
 
-# fp32 logits in one log-prob chunk when the caller leaves the size to us (128 MiB): a few such blocks
-# (logits, log-softmax, entropy terms) are alive at once, and their recomputation in backward
+# logits in one log-prob block when the caller leaves the size to us (2**25: 64 MiB in bf16, 128 MiB in fp32)
 LOGITS_PER_CHUNK = 2**25
+# the rows TRL's fused function projects at once (trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE)
+FUSED_TOKEN_ROWS = 4096
 
 
 class PolicyError(ValueError):
@@ -35,6 +36,29 @@ def chunk_logprobs(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.T
     token = logp.gather(-1, targets[..., None])[..., 0]
     entropy = -(logp.exp() * logp).sum(-1) if with_entropy else None
     return token, entropy
+
+
+def fusable_head(head: torch.nn.Module) -> bool:
+    """Whether `fused_logprobs` may read the head's weight directly: a plain nn.Linear whose weight is whole.
+    Not a LoRA-wrapped head (the adapter is in its forward) nor a DeepSpeed ZeRO-3 partition (`ds_id`:
+    empty outside the module's forward); those go through `chunk_logprobs`, which calls the module."""
+    return type(head) is torch.nn.Linear and not hasattr(head.weight, "ds_id")
+
+
+def fused_logprobs(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor, temperature: float,
+                   with_entropy: bool, logits_per_block: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`chunk_logprobs` for N rows (hidden [N, H], targets [N]) with TRL's fused chunked log-prob function
+    (trl.kernels.ChunkedLogProbFunction): the projection runs in [rows, vocab-tile] blocks folded into online
+    log-sum-exp (and entropy) statistics, backward recomputes each block and accumulates the weight gradient
+    in fp32. Against a checkpointed chunk loop it casts the weight and accumulates its gradient once per
+    block rather than once per token chunk, and holds no fp32 [chunk, V] log-softmax or entropy terms."""
+    from trl.kernels import ChunkedLogProbFunction
+
+    tile = max(1024, logits_per_block // max(1, min(hidden.shape[0], FUSED_TOKEN_ROWS)))
+    outputs = ("entropy",) if with_entropy else ()
+    logp, entropy, *_ = ChunkedLogProbFunction.apply(hidden, head.weight, head.bias, targets, temperature, tile,
+                                                     None, 1.0, outputs)
+    return logp, entropy
 
 
 def dense_mask(attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None) -> torch.Tensor | None:
@@ -118,9 +142,10 @@ class Policy:
     def token_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                        position_ids: torch.Tensor | None = None, chunk_size: int = 1024, temperature: float = 1.0,
                        return_entropy: bool = False):
-        """[B, T-1] log-probs of input_ids[:, 1:] (and per-token entropy when asked), computed `chunk_size`
-        positions at a time; under autograd each chunk is recomputed in backward, so at most one
-        [B, chunk, V] fp32 block of logits exists at once."""
+        """[B, T-1] log-probs of input_ids[:, 1:] (and per-token entropy when asked), projected onto the
+        vocabulary in blocks of at most `chunk_size` x V logits (`fused_logprobs`, or for wrapped heads
+        `chunk_logprobs` over `chunk_size` positions at a time), each recomputed in backward: never a
+        [B, T, V] tensor."""
         scores = self.token_logprobs_and_aux(input_ids, attention_mask, position_ids, chunk_size, temperature,
                                              return_entropy)
         return (scores.logp, scores.entropy) if return_entropy else scores.logp
@@ -135,8 +160,8 @@ class Policy:
         (see `hidden_states_and_aux`).
 
         `only` (bool [B, T-1]) restricts the vocabulary projection to those positions (GRPO: the
-        completion tokens; prompts are often most of a sequence); they are then chunked `chunk_size`
-        tokens at a time (0: as many as make `LOGITS_PER_CHUNK` logits) and every other position gets 0."""
+        completion tokens; prompts are often most of a sequence), every other position gets 0. `chunk_size`
+        (0: as many tokens as make `LOGITS_PER_CHUNK` logits) bounds the logits projected at once."""
         hidden, aux_loss, aux_metrics, chosen = self.hidden_states_and_aux(input_ids, attention_mask, position_ids,
                                                                            aux_labels, routes, return_routes)
         hidden, targets = hidden[:, :-1], input_ids[:, 1:]
@@ -144,6 +169,12 @@ class Policy:
         if only is not None:
             hidden, targets = hidden[only].unsqueeze(0), targets[only].unsqueeze(0)
         head = self.output_layer()
+        if fusable_head(head):
+            rows = hidden.shape[:2]
+            logp, entropy = fused_logprobs(hidden.flatten(0, 1), head, targets.flatten(), temperature, return_entropy,
+                                           chunk_size * self.model.config.vocab_size)
+            logp, entropy = logp.view(rows), (entropy.view(rows) if return_entropy else None)
+            return self._scores(logp, entropy, only, aux_loss, aux_metrics, chosen)
         logps, entropies = [], []
         for start in range(0, hidden.shape[1], chunk_size):
             args = (hidden[:, start:start + chunk_size], head, targets[:, start:start + chunk_size], temperature,
@@ -156,6 +187,11 @@ class Policy:
             entropies.append(entropy)
         logp = torch.cat(logps, 1)
         entropy = torch.cat(entropies, 1) if return_entropy else None
+        return self._scores(logp, entropy, only, aux_loss, aux_metrics, chosen)
+
+    @staticmethod
+    def _scores(logp, entropy, only, aux_loss, aux_metrics, chosen) -> TokenScores:
+        """TokenScores with the `only` positions' values put back in place ([1, N] -> [B, T-1], 0 elsewhere)."""
         if only is not None:
             place = lambda values: values.new_zeros(only.shape).masked_scatter(only, values[0])
             logp, entropy = place(logp), (place(entropy) if entropy is not None else None)

@@ -106,3 +106,32 @@ def test_load_policy_errors_and_presets(tmp_path):
     assert isinstance(policy.module, DeepseekForCausalLM) and policy.module.config.vocab_size == 128
     policy.save_pretrained(tmp_path / "saved")
     assert load_policy(tmp_path / "saved").module.config.vocab_size == 128
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_head_equals_the_module_call(bias):
+    """TRL's fused chunked projection (plain Linear heads) gives the checkpointed module call's log-probs,
+    entropies and gradients (hidden, weight, bias) in fp32, with the vocabulary split into several tiles;
+    heads it must not read directly (wrapped, ZeRO-3 partitions) keep the module call."""
+    from r1pipe.model.policy import chunk_logprobs, fusable_head, fused_logprobs
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 2600, bias=bias)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    targets = torch.randint(0, 2600, (37,))
+    results = []
+    for fused in (True, False):
+        hidden.grad, head.weight.grad = None, None
+        if bias:
+            head.bias.grad = None
+        if fused:
+            logp, entropy = fused_logprobs(hidden, head, targets, 0.7, True, logits_per_block=37 * 1024)
+        else:
+            logp, entropy = (t[0] for t in chunk_logprobs(hidden[None], head, targets[None], 0.7, True))
+        (logp.sin().sum() + 0.3 * entropy.sum()).backward()
+        results.append([logp, entropy, hidden.grad, head.weight.grad] + ([head.bias.grad] if bias else []))
+    for fused, plain in zip(*results, strict=True):
+        torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-4)
+    assert fusable_head(head) and not fusable_head(torch.nn.Sequential(head))
+    head.weight.ds_id = 0  # what DeepSpeed ZeRO-3 marks its partitioned parameters with
+    assert not fusable_head(head)
