@@ -129,9 +129,9 @@ class GrpoSection(Section):
         "the live router (Ma et al. 2025, 'Stabilizing MoE RL by aligning training and inference routers')."
     )
     logprob_chunk_size: int = Field(
-        0, ge=0, description="Completion tokens per chunk when computing log-probs: only completion positions "
-        "are projected onto the vocabulary, at most [chunk, vocab] fp32 logits at once (never [batch, seq, vocab]). "
-        "0 = auto: 2**25 // vocab tokens (a 128 MiB block of logits; 682 tokens for a 49k vocabulary, 220 for 152k)."
+        0, ge=0, description="Bounds the logits computed at once for log-probs, as chunk x vocab: only completion "
+        "positions are projected onto the vocabulary, in blocks recomputed in backward (never [batch, seq, vocab]). "
+        "0 = auto: 2**25 // vocab tokens' worth (2**25 logits; a 64 MiB bf16 block under bf16 autocast)."
     )
     log_samples: int = Field(2, ge=0, description="Completions per rollout batch written to samples.jsonl.")
 
