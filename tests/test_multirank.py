@@ -23,7 +23,6 @@ SAME_GRADIENTS = ["grpo-grpo", "grpo-bnpo", "grpo-dapo", "grpo-dr_grpo", "grpo-b
                   "grpo-gspo-zero3"]
 SCENARIOS = SAME_GRADIENTS + ["grpo-dynamic", "grpo-mu2-killed", "grpo-zero3-native-v3", "sft-zero3-whole",
                                "sft-zero3-killed"]
-TWO_RANKS_ONLY = ["vllm-tensor-parallel"]  # needs vllm importable (the engine's sampling parameters)
 VLLM = importlib.util.find_spec("vllm") is not None
 TOLERANCE = {1: 1e-5, 2: 1e-4}  # relative Frobenius error of the full gradient, by optimizer step
 
@@ -34,14 +33,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(out: Path, ranks: int) -> None:
+def launch(out: Path, ranks: int, scenarios: list[str]) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     if ranks == 1:
         command = [sys.executable, str(WORKER)]
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
                    "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(WORKER)]
-    scenarios = SCENARIOS + (TWO_RANKS_ONLY if ranks > 1 and VLLM else [])
     proc = subprocess.run(command + [str(out), *scenarios], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{ranks} rank(s) failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
 
@@ -49,8 +47,8 @@ def launch(out: Path, ranks: int) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("multirank")
-    launch(out, 1)
-    launch(out, 2)
+    launch(out, 1, SCENARIOS)
+    launch(out, 2, SCENARIOS)
     return out
 
 
@@ -129,12 +127,16 @@ def test_sft_resumes_after_a_kill_as_if_never_stopped(runs, world):
         assert b == pytest.approx(a, rel=1e-5)
 
 
-def test_tensor_parallel_vllm_gets_the_groups_prompts_and_one_seed(runs):
+def test_tensor_parallel_vllm_gets_the_groups_prompts_and_one_seed(tmp_path):
     """rollout.tensor_parallel_size 2 on 2 ranks: one engine, so both shards must be handed the same
-    requests (both ranks' prompts, in rank order) with one seed; each rank gets its own completions back."""
+    requests (both ranks' prompts, in rank order) with one seed; each rank gets its own completions back.
+    Its own launch: importing vLLM after the training scenarios in the same processes aborted a rank at exit
+    once in ~13 runs ("terminate called without an active exception"), which took every scenario's results
+    with it; alone it passed 15 of 15."""
     if not VLLM:
-        pytest.skip("vllm is not installed")
-    ranks = [result(runs, "vllm-tensor-parallel", 2, rank) for rank in (0, 1)]
+        pytest.skip("vllm is not installed (the engine's sampling parameters)")
+    launch(tmp_path, 2, ["vllm-tensor-parallel"])
+    ranks = [result(tmp_path, "vllm-tensor-parallel", 2, rank) for rank in (0, 1)]
     assert ranks[0]["seen"] == ranks[1]["seen"] and len(ranks[0]["seen"]) == 1
     assert ranks[0]["seen"][0]["prompts"] == ranks[0]["prompts"] + ranks[1]["prompts"]
     assert ranks[0]["seen"][0]["seed"] == 1000  # the group's first rank's seed
