@@ -49,7 +49,9 @@ class RolloutSection(Section):
     server_url: str | None = Field(None, description="vllm_server: base URL of the server, e.g. http://node1:8000.")
     server_timeout_s: float = Field(240.0, gt=0, description="vllm_server: seconds to wait for the server to answer.")
     mtp_speculative: bool = Field(
-        False, description="native, V3 policies: draft with the MTP module and verify (speculative decoding)."
+        False, description="native, V3 policies: draft with the MTP module and verify (speculative decoding). Same "
+        "distribution as without; faster only where a verify step costs little more than a plain one (on an H100 at "
+        "batch 128 the demo model decoded at 0.87x the plain loop's tokens/s, docs/PERFORMANCE.md section 4)."
     )
 
     @property
