@@ -151,7 +151,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("r1pipe: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
         return 130
+    finally:
+        _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    """Under torchrun, close the process group the trainer opened before the interpreter exits: torch asks
+    for it (NCCL warns of leaked resources otherwise), and a group torn down at exit beside vLLM's threads
+    can abort a rank after its work is done."""
+    distributed = sys.modules.get("torch.distributed")  # only if a stage imported torch
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
 
 
 def _print_rewards(rows) -> None:

@@ -212,6 +212,17 @@ def test_cli_user_error_is_one_line(recipe, capsys):
     assert err.count("\n") == 0 and err.startswith("r1pipe: error:") and "did you mean 'max_steps'" in err
 
 
+def test_cli_closes_the_process_group_it_ran_under(recipe, tmp_path):
+    """A stage under torchrun leaves DeepSpeed's process group open; the command closes it on the way out,
+    also when the recipe was wrong."""
+    import torch.distributed as dist
+
+    for argv, code in ((["sft", str(recipe)], 0), (["sft", str(recipe), "train.max_step=4"], 2)):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / f'store{code}'}", rank=0, world_size=1)
+        assert cli.main(argv) == code
+        assert not dist.is_initialized()
+
+
 def test_resume_continues_from_last_checkpoint(recipe, tmp_path):
     cfg = load_recipe(recipe)
     run_dir = RunDir.open(cfg)
