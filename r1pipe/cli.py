@@ -157,9 +157,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _leave_process_group() -> None:
-    """Under torchrun, close the process group the trainer opened before the interpreter exits: torch asks
-    for it (NCCL warns of leaked resources otherwise), and a group torn down at exit beside vLLM's threads
-    can abort a rank after its work is done."""
+    """Under torchrun, close the process group the trainer opened before the interpreter exits, as torch asks
+    (NCCL warns of leaked resources otherwise) rather than leaving it to interpreter teardown."""
     distributed = sys.modules.get("torch.distributed")  # only if a stage imported torch
     if distributed is not None and distributed.is_available() and distributed.is_initialized():
         distributed.destroy_process_group()
