@@ -47,6 +47,7 @@ class StaticDecoder:
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.group = self.heads // self.kv_heads  # query heads per KV head
         self.batch, self.max_len, self.dtype = batch, max_len, dtype
         shape = (config.num_hidden_layers, batch, self.kv_heads, max_len, self.head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
@@ -68,11 +69,15 @@ class StaticDecoder:
         itself (so a padding query never sees nothing)."""
         x = self.inner.embed_tokens(ids)
         cos, sin = self.inner.rotary_emb(x, positions)
+        n, length = ids.shape
         earlier = self.columns[None, :] <= columns[:, None]  # [T, L]
-        mask = (self.valid[rows, None, :] & earlier) | (self.columns[None, :] == columns[:, None])  # [n, T, L]
+        visible = (self.valid[rows, None, :] & earlier) | (self.columns[None, :] == columns[:, None])  # [n, T, L]
+        # the same for every layer: per KV head, its query heads' rows [n, 1, group * T, L]
+        masked = ~visible[:, None, None].expand(n, 1, self.group, length, self.max_len).reshape(
+            n, 1, self.group * length, self.max_len)
         for index, layer in enumerate(self.inner.layers):
             h = layer.input_layernorm(x)
-            x = x + self._attention(index, rows, layer.self_attn, h, cos, sin, columns, mask)
+            x = x + self._attention(index, rows, layer.self_attn, h, cos, sin, columns, masked)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.model.lm_head(self.inner.norm(x[:, -1])).float()
 
@@ -87,9 +92,9 @@ class StaticDecoder:
                                        positions[start:start + chunk], self.columns[:width])
                           for start in range(0, batch, chunk)])
 
-    def _attention(self, index, rows, attn, h, cos, sin, columns, mask) -> torch.Tensor:
-        """Grouped-query attention over the cache: softmax(q k^T * scale + mask) v, the query heads of
-        each KV head batched together so the cache is read once and never repeated."""
+    def _attention(self, index, rows, attn, h, cos, sin, columns, masked) -> torch.Tensor:
+        """Grouped-query attention over the cache: softmax(q k^T * scale, -inf where `masked`) v, the query
+        heads of each KV head batched together so the cache is read once and never repeated."""
         n, length = h.shape[:2]
         q = attn.q_proj(h).view(n, length, self.heads, self.head_dim)
         k = attn.k_proj(h).view(n, length, self.kv_heads, self.head_dim)
@@ -100,11 +105,9 @@ class StaticDecoder:
         keys, values = self.keys[index, rows], self.values[index, rows]
         keys.index_copy_(2, columns, k.to(self.dtype))
         values.index_copy_(2, columns, v.transpose(1, 2).to(self.dtype))
-        group = self.heads // self.kv_heads
-        q = q.reshape(n, self.kv_heads, group * length, self.head_dim).to(self.dtype)
+        q = q.reshape(n, self.kv_heads, self.group * length, self.head_dim).to(self.dtype)
         scores = (q @ keys.transpose(-1, -2)).float() * attn.scaling  # [n, KV, group * T, L]
-        visible = mask[:, None, None].expand(n, 1, group, length, self.max_len).reshape(n, 1, group * length, -1)
-        probs = scores.masked_fill(~visible, float("-inf")).softmax(-1).to(self.dtype)
+        probs = scores.masked_fill(masked, float("-inf")).softmax(-1).to(self.dtype)
         out = (probs @ values).view(n, self.heads, length, self.head_dim).transpose(1, 2)
         return attn.o_proj(out.reshape(n, length, self.heads * self.head_dim))
 
