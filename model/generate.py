@@ -190,15 +190,15 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
     device = next(model.parameters()).device
     stops = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
     ids, valid = left_pad(prompts, pad_token_id, device)
-    batch, width = ids.shape
-    positions = (valid.long().cumsum(1) - 1).clamp_min(0)
-    max_len = width + (2 if use_mtp else 1) * max_new_tokens + 1
     sampler = Sampler(temperature, top_p, seed, device)
     if use_cache and static_cache and not ours and fast_decode.supports(model):
         tokens, logprobs, truncated, cache_bytes = fast_decode.generate_static(
             model, ids, valid, max_new_tokens, sampler, stops, workspace)
         model.train(was_training)
         return GenerationResult(tokens, logprobs, truncated, None, cache_bytes)
+    batch, width = ids.shape
+    positions = (valid.long().cumsum(1) - 1).clamp_min(0)
+    max_len = width + (2 if use_mtp else 1) * max_new_tokens + 1
     decoder = Decoder(model, batch, max_len, use_cache, record_routes)
     emitter = DeviceEmitter(batch, max_new_tokens, stops, device)
     rows = torch.arange(batch, device=device)
