@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from r1pipe.config import RecipeError, Workload
+from r1pipe.model.hf_adapter import MODEL_TYPES
 from r1pipe.pipeline import is_pipeline, load_pipeline
 from r1pipe.runner import load_recipe
 
@@ -84,7 +85,7 @@ def model_config_dict(path: str) -> dict:
 def plan_model(path: str, lora: bool = False) -> ModelPlan:
     """Count parameters of the model a recipe names, on the meta device."""
     hf = model_config_dict(path)
-    if hf.get("model_type") in ("deepseek_v2", "deepseek_v3"):
+    if hf.get("model_type") in MODEL_TYPES:
         from r1pipe.model import DeepseekForCausalLM, parameter_counts
         from r1pipe.model.config import DeepseekConfig
 
